@@ -1,0 +1,150 @@
+"""Public 4-bit API: `quantize_4bit`, `dequantize_4bit`, `matmul_4bit`.
+
+Each call validates its input, then dispatches: on CPU to the native kernels in
+`qlora.quant.native` when they built (OpenMP + AVX-512 C, compiled at first use), otherwise to the
+pure-PyTorch reference in `qlora.quant.reference`, which runs on any device and is the oracle the
+fast path is tested against. Both produce bitsandbytes' format bit for bit; bitsandbytes itself is
+never imported here.
+
+Double quantisation is always done in PyTorch: the absmax vector is 64x smaller than the weight,
+so its cost does not matter, and one implementation keeps it exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qlora.quant import reference
+from qlora.quant.codebooks import QUANT_TYPES, codebook, dynamic_map, sorted_bounds
+from qlora.quant.state import NestedState, QuantState
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORAGE_DTYPES = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32)
+GEMV_MAX_ROWS = 8  # up to this many input rows, matmul reads the packed weight directly (decode)
+
+
+def _native():
+    """The native CPU kernel module, or None when it is disabled or did not build."""
+    try:
+        from qlora.quant import native
+    except ImportError:
+        return None
+    return native if native.available() else None
+
+
+def _check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x.dtype must be one of float32, float16, bfloat16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to quantise")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if quant_storage not in STORAGE_DTYPES:
+        raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage}")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"x contains {bad} NaN/Inf value(s); 4-bit quantisation needs finite values")
+
+
+def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                  quant_storage: torch.dtype = torch.uint8) -> tuple[torch.Tensor, QuantState]:
+    """Quantise `x` blockwise to 4 bits.
+
+    Returns `packed`, shape ((n+1)//2 bytes viewed as `quant_storage`, 1), and the `QuantState`
+    (fp32 absmax per block, or their 8-bit codes + nested scales with `double_quant`).
+    """
+    _check_quantize_args(x, quant_type, blocksize, quant_storage)
+    n = x.numel()
+    n_bytes = (n + 1) // 2
+    if n_bytes % torch.empty((), dtype=quant_storage).element_size():
+        raise ValueError(f"{n_bytes} packed bytes cannot be viewed as {quant_storage}; "
+                         f"use quant_storage=torch.uint8 for tensors with {n} elements")
+    native = _native() if x.device.type == "cpu" else None
+    if native is not None:
+        bounds, order = sorted_bounds(quant_type)
+        packed = torch.empty(n_bytes, dtype=torch.uint8)
+        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+        native.quantize_4bit(x.contiguous().reshape(-1), blocksize, bounds, order, packed, absmax)
+    else:
+        packed, absmax = reference.quantize_4bit_blocks(x, blocksize, quant_type)
+
+    state2 = None
+    if double_quant:
+        codes, nested_absmax, offset = reference.double_quantize(absmax)
+        state2 = NestedState(nested_absmax, dynamic_map().to(x.device), offset)
+        absmax = codes
+    state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize,
+                       quant_type=quant_type, code=codebook(quant_type, x.device), state2=state2)
+    return packed.view(quant_storage).unsqueeze(1), state
+
+
+def block_scales(state: QuantState) -> torch.Tensor:
+    """fp32 absmax per block, decoding the double quantisation if present."""
+    if state.state2 is None:
+        return state.absmax.float()
+    s = state.state2
+    return reference.double_dequantize(state.absmax, s.absmax, s.code, s.offset, s.blocksize)
+
+
+def _packed_bytes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """The packed codes as a flat uint8 tensor, checked against the state."""
+    if not isinstance(state, QuantState):
+        raise ValueError(f"state must be a QuantState, got {type(state).__name__}")
+    data = packed.contiguous().reshape(-1).view(torch.uint8)
+    expected = (state.numel + 1) // 2
+    if data.numel() != expected:
+        raise ValueError(f"packed tensor holds {data.numel()} bytes but the state's shape "
+                         f"{tuple(state.shape)} needs {expected}")
+    if state.absmax.numel() != state.n_blocks:
+        raise ValueError(f"state has {state.absmax.numel()} absmax values but shape {tuple(state.shape)} "
+                         f"with blocksize {state.blocksize} needs {state.n_blocks}")
+    return data
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed codes -> tensor of `state.shape` in `state.dtype` (or in `out`, reused, any float dtype)."""
+    data = _packed_bytes(packed, state)
+    if out is None:
+        out = torch.empty(state.shape, dtype=state.dtype, device=data.device)
+    elif out.numel() != state.numel or out.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out must be a float tensor with {state.numel} elements, "
+                         f"got shape {tuple(out.shape)} dtype {out.dtype}")
+    scales = block_scales(state)
+    native = _native() if data.device.type == "cpu" and out.is_contiguous() else None
+    if native is not None:
+        native.dequantize_4bit(data, scales, state.code.float(), state.blocksize, out.view(-1))
+    else:
+        flat = reference.dequantize_4bit_blocks(data, scales, state.code, state.blocksize, state.numel, out.dtype)
+        out.copy_(flat.view(out.shape))
+    return out.view(state.shape)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` for a 4-bit W of shape (out_features, in_features), in x's dtype.
+
+    For a few rows on CPU (token-by-token decoding) the native kernel reads the packed weight
+    directly and never materialises W; otherwise W is dequantised once into x's dtype.
+    """
+    if len(state.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D weight state, got shape {tuple(state.shape)}")
+    n_out, n_in = state.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight expects {n_in}")
+    rows = x.numel() // n_in
+    native = _native() if x.device.type == "cpu" else None
+    if native is not None and rows <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+        x2 = x.reshape(rows, n_in).contiguous()
+        y = torch.empty(rows, n_out, dtype=x.dtype)
+        native.gemv_4bit(x2, _packed_bytes(packed, state), block_scales(state), state.code.float(),
+                         state.blocksize, n_out, n_in, y)
+        y = y.reshape(*x.shape[:-1], n_out)
+        return y if bias is None else y + bias.to(y.dtype)
+    weight = dequantize_4bit(packed, state, out=torch.empty(state.shape, dtype=x.dtype, device=x.device))
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
