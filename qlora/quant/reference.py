@@ -94,8 +94,10 @@ def quantize_8bit_blocks(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.T
     absmax = blocks.abs().amax(dim=1)
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     half = ((blocks * inverse.unsqueeze(1)).clamp(-1, 1) + 1.0) * 0.5
-    # fma(65535, half, 0.5) rounds once: exact in float64, then one rounding to float32.
-    grid = (half.double() * 65535.0 + 0.5).float().to(torch.int64)
+    # fma(65535, half, 0.5) rounds once: exact in float64, then one rounding to float32. A NaN
+    # (0 * inf when a subnormal absmax has no finite reciprocal) truncates to 0x80000000 in the
+    # C kernel, whose low 16 bits index grid entry 0; nan_to_num reproduces that.
+    grid = torch.nan_to_num((half.double() * 65535.0 + 0.5).float(), nan=0.0).to(torch.int64)
     codes = _grid_table(str(x.device))[grid]
     codes = torch.where((absmax > 0).unsqueeze(1), codes, torch.zeros_like(codes))
     return codes.reshape(-1)[:n], absmax
