@@ -77,7 +77,7 @@ def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     state2 = None
     if double_quant:
         codes, nested_absmax, offset = reference.double_quantize(absmax)
-        state2 = NestedState(nested_absmax, dynamic_map().to(x.device), offset)
+        state2 = NestedState(nested_absmax, dynamic_map().to(x.device, copy=True), offset)
         absmax = codes
     state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize,
                        quant_type=quant_type, code=codebook(quant_type, x.device), state2=state2)

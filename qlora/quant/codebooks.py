@@ -71,10 +71,14 @@ def _cpu_codebook(quant_type: str) -> torch.Tensor:
 
 
 def codebook(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry fp32 table for `quant_type` ("nf4", "fp4" or "int4") on `device`."""
+    """A fresh copy of the 16-entry fp32 table for `quant_type` ("nf4", "fp4" or "int4") on `device`.
+
+    Each quantised tensor owns its table: shared storage would make safetensors refuse a state
+    dict with two layers, and transformers treat the tables as tied weights.
+    """
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    return _cpu_codebook(quant_type).to(device)
+    return _cpu_codebook(quant_type).to(device, copy=True)
 
 
 @functools.lru_cache(maxsize=None)
