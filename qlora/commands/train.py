@@ -1,0 +1,51 @@
+"""`qlora train RECIPE [section.key=value ...]`: fine-tune with a YAML recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a model with a recipe",
+                              description="Fine-tune with QLoRA. Overrides use the recipe's keys, "
+                                          "e.g. train.max_steps=10 lora.r=8.")
+    p.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output.dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
+    p.add_argument("--samples", type=int, default=3, metavar="N",
+                   help="after training, answer N held-out prompts with the base and the tuned model (default 3)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlora.config import load_recipe
+    from qlora.errors import UsageError
+    from qlora.train import train
+
+    if args.samples < 0:
+        raise UsageError(f"--samples must be >= 0, got {args.samples}")
+    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
+    cfg = load_recipe(args.recipe, overrides)
+    summary = train(cfg, resume=args.resume, samples=args.samples)
+    if "adapter" in summary:  # main process
+        print_summary(summary)
+        from pathlib import Path
+
+        (Path(summary["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    print()
+    if before and after:
+        print(f"eval loss: {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}   "
+              f"perplexity: {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f}")
+    elif after:
+        print(f"eval loss: {after['eval_loss']:.4f}   perplexity: {after['eval_ppl']:.2f}")
+    print(f"trained {summary['total_steps']} steps at {summary['train_tokens_per_s']:.0f} tokens/s; "
+          f"adapter: {summary['adapter']}")
+    for s in summary.get("samples", []):
+        print(f"\n> {s['prompt']}\n  before: {s['before']}\n  after:  {s['after']}")

@@ -1,0 +1,481 @@
+"""Training recipes: YAML files validated into typed dataclasses.
+
+A recipe is a YAML mapping with one section per concern (`model`, `quant`, `lora`, `data`, `optim`,
+`train`, `output`). `load_recipe(path, overrides)` reads it with `yaml.safe_load`, applies
+command-line overrides written as `section.field=value` (the value is parsed as YAML, so
+`train.max_steps=10` is an int and `lora.targets=[q_proj,v_proj]` a list), and builds a
+`RecipeConfig`. Every section is a dataclass whose field annotations are the schema: each
+`__post_init__` checks the value types (int, float, bool, str, Literal choices, lists, Optional)
+and the ranges, so a config built in Python is checked exactly like one read from YAML.
+
+Every mistake is a `UsageError` that names the full key (`lora.rr`), the value, and what is
+allowed (the known keys with a "did you mean" suggestion, the expected type, or the choices).
+`save_recipe` writes the resolved recipe atomically so a run folder records what actually ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import yaml
+
+from qlora.errors import UsageError
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+
+
+# ----------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of an annotation, for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, value converted to `tp`). Ints are accepted for floats; lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp) and isinstance(value, str), value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        pairs = [_coerce(v, item) for v in value]
+        return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            return False, value
+        pairs = [_coerce(v, t) for v, t in zip(value, items)]
+        return all(ok for ok, _ in pairs), tuple(v for _, v in pairs)
+    if tp is type(None):
+        return value is None, value
+    if tp is float:  # YAML 1.1 reads `1e-4` as a str (it wants `1.0e-4`): accept numeric strings
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return False, value
+        try:
+            number = float(value)
+        except ValueError:
+            return False, value
+        return math.isfinite(number), number
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, tp), value
+
+
+def _suggest(value: Any, tp: Any) -> str:
+    """` (did you mean 'x'?)` for a string close to one of a Literal's choices, else ``."""
+    choices = [c for a in (typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,))
+               if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Section:
+    """Mixin for recipe sections: type-checks every field against its annotation in __post_init__."""
+
+    section: ClassVar[str]
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            ok, converted = _coerce(value, hints[f.name])
+            if not ok:
+                raise UsageError(f"{self.section}.{f.name}: {value!r} is not allowed; expected "
+                                 f"{_type_name(hints[f.name])}{_suggest(value, hints[f.name])}")
+            setattr(self, f.name, converted)
+
+    def _require(self, ok: bool, name: str, allowed: str) -> None:
+        """Raise a UsageError for field `name` unless `ok`; `allowed` says what would be valid."""
+        if not ok:
+            raise UsageError(f"{self.section}.{name}: {getattr(self, name)!r} is not allowed; {allowed}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig(_Section):
+    section: ClassVar[str] = "model"
+
+    name_or_path: str = "smollm2-135m"
+    """A local Hugging Face model folder, a hub id (when online), or a built-in name:
+    `smollm2-135m` (the embedded SmolLM2-135M-Instruct) or `tiny-llama` (random, for tests)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder. Off: only architectures transformers ships run."""
+    dtype: Dtype = "bf16"
+    """Compute dtype of the frozen base model (activations, dequantised weights)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._require(bool(self.name_or_path.strip()), "name_or_path", "give a model folder or name")
+
+
+@dataclass
+class QuantConfig(_Section):
+    section: ClassVar[str] = "quant"
+
+    enabled: bool = True
+    """Quantise the frozen base linears to 4 bits (QLoRA). Off: 16-bit LoRA on the same recipe."""
+    quant_type: Literal["nf4", "fp4", "int4"] = "nf4"
+    """4-bit code book: NormalFloat4 (the paper's), FP4 (E2M1) or symmetric Int4."""
+    blocksize: int = 64
+    """Weights per absmax scale: a power of two from 32 to 4096."""
+    double_quant: bool = True
+    """Quantise the fp32 absmax scales to 8 bits as well (saves ~0.37 bits/param at blocksize 64)."""
+    quant_storage: Literal["uint8", "bf16"] = "uint8"
+    """Storage dtype of the packed weight: bf16 lets FSDP shard it next to bf16 parameters."""
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Linear modules (by name or name suffix) kept in 16 bits."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        b = self.blocksize
+        self._require(32 <= b <= 4096 and b & (b - 1) == 0, "blocksize",
+                      "expected a power of two from 32 to 4096")
+
+
+@dataclass
+class LoraConfig(_Section):
+    section: ClassVar[str] = "lora"
+
+    r: int = 16
+    """Rank of the update B @ A."""
+    alpha: float = 32.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch input, in [0, 1)."""
+    targets: Union[str, list[str]] = "all-linear"
+    """Which linears get adapters: `all-linear` (every linear but the skipped ones), a list of
+    module names or name suffixes (`[q_proj, v_proj]`), or a regex over full names prefixed
+    `re:` (`re:.*\\.(q|v)_proj`)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    dtype: Dtype = "bf16"
+    """Dtype of the trainable A and B matrices."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._require(self.r > 0, "r", "expected an int > 0")
+        self._require(self.alpha > 0, "alpha", "expected a number > 0")
+        self._require(0.0 <= self.dropout < 1.0, "dropout", "expected a number in [0, 1)")
+        if isinstance(self.targets, list):
+            self._require(bool(self.targets) and all(t.strip() for t in self.targets), "targets",
+                          "expected a non-empty list of module names")
+        else:
+            self._require(self.targets == "all-linear" or self.targets.startswith("re:"), "targets",
+                          "expected 'all-linear', a list of module names, or 're:<regex>'")
+
+
+@dataclass
+class DataConfig(_Section):
+    section: ClassVar[str] = "data"
+
+    dataset: str = "chatterbot"
+    """`chatterbot` (built-in English conversations of the chatterbot-corpus package), a local
+    .json/.jsonl/.csv/.parquet file, or a hub data set id (only when the hub is reachable)."""
+    format: Literal["auto", "alpaca", "input-output", "chat", "text"] = "auto"
+    """Row layout: alpaca (instruction/input/output), input-output (input/output), chat (messages:
+    a list of {role, content}), text (text). `auto` picks by the columns present."""
+    split: str = "train"
+    """Split to read from a hub data set (local files always form one `train` split)."""
+    eval_dataset: Optional[str] = None
+    """A separate file / name for evaluation; when set, eval_fraction and eval_size are ignored."""
+    max_length: int = 256
+    """Tokens per example; longer examples are truncated (and counted)."""
+    train_on_prompt: bool = False
+    """Also train on prompt / user tokens. Off: only responses (assistant turns) carry labels."""
+    packing: bool = False
+    """Concatenate examples and cut them into max_length blocks (no padding waste; documents in a
+    block may attend to each other)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding); batch order stays random."""
+    eval_fraction: float = 0.05
+    """Fraction of rows held out for evaluation, in [0, 1)."""
+    eval_size: Optional[int] = None
+    """Number of rows held out for evaluation; overrides eval_fraction when set."""
+    seed: int = 42
+    """Seed of the train / eval split."""
+    max_rows: Optional[int] = None
+    """Use only the first max_rows rows of the data set (before the split)."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._require(bool(self.dataset.strip()), "dataset", "give a file path or a data set name")
+        self._require(self.max_length >= 2, "max_length", "expected an int >= 2")
+        self._require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "expected a number in [0, 1)")
+        self._require(self.eval_size is None or self.eval_size >= 0, "eval_size", "expected an int >= 0")
+        self._require(self.max_rows is None or self.max_rows > 0, "max_rows", "expected an int > 0")
+        self._require(not (self.packing and self.group_by_length), "packing",
+                      "packing and group_by_length exclude each other (packed blocks all have max_length)")
+
+
+@dataclass
+class OptimConfig(_Section):
+    section: ClassVar[str] = "optim"
+
+    name: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"] = "paged_adamw_8bit"
+    """bitsandbytes paged 8-bit AdamW (paging needs CUDA; on CPU it runs un-paged), 8-bit AdamW,
+    paged 32-bit AdamW, or torch AdamW."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    lora_plus_ratio: float = 1.0
+    """LoRA+: the B matrices learn at lr * ratio (the LoRA+ paper suggests 2-16); 1.0 is plain LoRA."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to LoRA matrices only."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this; null or 0 disables clipping."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape after warmup: cosine or linear decay to min_lr_ratio * lr, or constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps (set this or warmup_ratio)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total optimiser steps (set this or warmup_steps)."""
+    min_lr_ratio: float = 0.0
+    """Final lr of the cosine / linear decay as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._require(self.lr > 0, "lr", "expected a number > 0")
+        self._require(self.lora_plus_ratio > 0, "lora_plus_ratio", "expected a number > 0 (1.0 = off)")
+        self._require(self.weight_decay >= 0, "weight_decay", "expected a number >= 0")
+        self._require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "expected two numbers in [0, 1)")
+        self._require(self.eps > 0, "eps", "expected a number > 0")
+        self._require(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm",
+                      "expected a number >= 0 or null")
+        self._require(self.warmup_steps >= 0, "warmup_steps", "expected an int >= 0")
+        self._require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "expected a number in [0, 1)")
+        self._require(not (self.warmup_steps and self.warmup_ratio), "warmup_steps",
+                      "set warmup_steps or warmup_ratio, not both")
+        self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "expected a number in [0, 1]")
+
+
+@dataclass
+class TrainConfig(_Section):
+    section: ClassVar[str] = "train"
+
+    micro_batch_size: int = 4
+    """Examples per forward / backward pass (per process)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimiser step."""
+    max_steps: Optional[int] = None
+    """Optimiser steps to run; when null, run `epochs` passes over the training data."""
+    epochs: Optional[int] = 1
+    """Passes over the training data, used when max_steps is null."""
+    gradient_checkpointing: bool = True
+    """Recompute decoder-layer activations in backward (less memory, ~30% more compute)."""
+    eval_every: int = 0
+    """Evaluate every N optimiser steps (0: only before and after training)."""
+    eval_steps: Optional[int] = None
+    """At most this many eval batches per evaluation (null: the whole eval split)."""
+    log_every: int = 1
+    """Write a metrics record every N optimiser steps."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N optimiser steps (0: only the final adapter)."""
+    seed: int = 42
+    """Seed of LoRA initialisation, dropout and data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks CUDA when available."""
+    threads: Optional[int] = None
+    """torch CPU threads (null: torch's default)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun / accelerate launch) share the work: DDP replicates the
+    model, FSDP shards it (needs quant.quant_storage bf16 for the packed 4-bit weights)."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the cross-entropy, so full fp32 logits never exist at once (0: no chunking)."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("micro_batch_size", "grad_accum_steps"):
+            self._require(getattr(self, name) > 0, name, "expected an int > 0")
+        self._require(self.max_steps is None or self.max_steps > 0, "max_steps", "expected an int > 0 or null")
+        self._require(self.epochs is None or self.epochs > 0, "epochs", "expected an int > 0 or null")
+        self._require(self.max_steps is not None or self.epochs is not None, "epochs",
+                      "set train.max_steps or train.epochs")
+        for name in ("eval_every", "log_every", "save_every", "loss_chunk_size"):
+            self._require(getattr(self, name) >= 0, name, "expected an int >= 0")
+        self._require(self.eval_steps is None or self.eval_steps > 0, "eval_steps", "expected an int > 0 or null")
+        self._require(self.threads is None or self.threads > 0, "threads", "expected an int > 0 or null")
+
+
+@dataclass
+class OutputConfig(_Section):
+    section: ClassVar[str] = "output"
+
+    dir: str = "runs/qlora"
+    """Run folder: metrics, checkpoints, the final adapter and the resolved recipe."""
+    overwrite: bool = False
+    """Replace an existing run folder (otherwise refuse to start)."""
+    tensorboard: bool = True
+    """Also write TensorBoard logs when the tensorboard package is installed."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._require(bool(self.dir.strip()), "dir", "give an output folder")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "quant": QuantConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass
+class RecipeConfig:
+    """A whole training recipe; every section defaults to its dataclass defaults."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.distributed == "fsdp" and self.quant.enabled and self.quant.quant_storage != "bf16":
+            raise UsageError(f"quant.quant_storage: {self.quant.quant_storage!r} is not allowed with "
+                             "train.distributed 'fsdp'; expected 'bf16' (FSDP shards parameters of one dtype)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _unknown_key(path: str, key: str, allowed: list[str]) -> UsageError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    where = f"{path}.{key}" if path else key
+    hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
+    return UsageError(f"unknown recipe key {where!r}{hint}; allowed keys: {', '.join(allowed)}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def recipe_from_dict(data: dict[str, Any]) -> RecipeConfig:
+    """Build and validate a RecipeConfig from a nested mapping (missing keys take defaults)."""
+    if not isinstance(data, dict):
+        raise UsageError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    sections = {}
+    for name, body in data.items():
+        if name not in SECTIONS:
+            raise _unknown_key("", str(name), list(SECTIONS))
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise UsageError(f"{name}: {body!r} is not allowed; expected a mapping of "
+                             f"{', '.join(_field_names(SECTIONS[name]))}")
+        for key in body:
+            if key not in _field_names(SECTIONS[name]):
+                raise _unknown_key(name, str(key), _field_names(SECTIONS[name]))
+        sections[name] = SECTIONS[name](**body)
+    return RecipeConfig(**sections)
+
+
+def _field_type(section: str, key: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section])[key]
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `section.field=value` override to a nested recipe mapping, in place.
+
+    The value is parsed with yaml.safe_load (`10` -> int, `[a,b]` -> list, `null` -> None). When
+    the field takes a string and YAML read something else (`output.dir=2024`), the raw text is kept.
+    """
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UsageError(f"override {override!r} is not allowed; expected section.field=value, "
+                         f"e.g. train.max_steps=10 (sections: {', '.join(SECTIONS)})")
+    section, name = parts
+    if section not in SECTIONS:
+        raise _unknown_key("", section, list(SECTIONS))
+    if name not in _field_names(SECTIONS[section]):
+        raise _unknown_key(section, name, _field_names(SECTIONS[section]))
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise UsageError(f"override {key}: cannot parse {raw!r} as a YAML value ({e})") from None
+    takes_str, _ = _coerce("x", _field_type(section, name))
+    if takes_str and not isinstance(value, (str, list, dict)) and value is not None:
+        value = raw
+    body = data.setdefault(section, {})
+    if body is None:
+        body = data[section] = {}
+    if not isinstance(body, dict):
+        raise UsageError(f"{section}: {body!r} is not allowed; expected a mapping")
+    body[name] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a YAML recipe, apply `section.field=value` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe file {str(path)!r} must hold a mapping of sections "
+                         f"({', '.join(SECTIONS)}), got {type(data).__name__}")
+    for override in overrides or []:
+        apply_override(data, override)
+    return recipe_from_dict(data)
+
+
+def recipe_to_dict(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of the resolved recipe (tuples become lists, for YAML / JSON)."""
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+    return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+            for name in SECTIONS}
+
+
+def save_recipe(cfg: RecipeConfig, path: str | os.PathLike) -> None:
+    """Write the resolved recipe as YAML atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,82 @@
+"""Text generation with a (4-bit, LoRA-adapted) model: prompts, chat rendering, before/after.
+
+Generation goes through transformers' `generate` (greedy, or sampling with temperature / top-p)
+on our modules; a 4-bit layer with a handful of rows reads its packed weight directly through the
+fused matvec, so decoding never dequantises whole weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from qlora.nn import LoRALinear
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model: every LoRALinear skips its adapter inside the block."""
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear) and not m.disabled]
+    for m in modules:
+        m.disable()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enable()
+
+
+def render_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
+    """A user turn rendered with the tokenizer's chat template (plus the assistant header)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.0,
+             top_p: float = 1.0, chat: bool = True, seed: int | None = None) -> str:
+    """Complete one prompt; temperature 0 is greedy decoding."""
+    text = render_prompt(tokenizer, prompt, chat)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,
+                              "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    if temperature > 0:
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(**inputs, **kwargs)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def first_user_turn(row: dict) -> str | None:
+    """The prompt part of a data row of any supported format (None when it has none)."""
+    if isinstance(row.get("messages"), list):
+        turns = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        return turns[0] if turns and isinstance(turns[0], str) else None
+    for key in ("instruction", "input", "prompt"):
+        if isinstance(row.get(key), str) and row[key].strip():
+            return row[key]
+    return None
+
+
+def before_after(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[dict]:
+    """Greedy answers of the base model (adapters off) and of the adapted model, per prompt."""
+    rows = []
+    for prompt in prompts:
+        with adapters_disabled(model):
+            before = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        after = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        rows.append({"prompt": prompt, "before": before, "after": after})
+    return rows

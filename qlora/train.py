@@ -1,0 +1,244 @@
+"""The QLoRA training loop: recipe in, PEFT adapter + metrics + checkpoints out.
+
+    recipe -> runtime (device, dtype, processes) -> 4-bit model + LoRA -> data -> optimiser
+           -> loop [micro-batches -> token-normalised loss -> backward] x accum -> clip -> step
+           -> eval / log / checkpoint -> adapter
+
+Gradient accumulation is normalised by tokens: each optimiser step sums the token losses of all
+its micro-batches (on all processes) and divides by the total number of target tokens, so the
+gradient is that of the mean token loss over the step whatever the padding or row lengths, and a
+2-process run equals a 1-process run with the same global batch. DDP averages gradients over
+processes, so each process scales its sum by world_size / global_tokens.
+
+Resume (`resume=True`) reloads the newest checkpoint of the run folder: adapter weights, optimiser
+and scheduler states, RNG states and the sampler position, so the continued run takes the same
+batches with the same dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from qlora import runtime
+from qlora.adapter import save_adapter
+from qlora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qlora.config import RecipeConfig, save_recipe
+from qlora.data import load_records, make_dataloaders, split_rows
+from qlora.errors import UsageError
+from qlora.generate import before_after, first_user_turn
+from qlora.loss import CausalLMLoss
+from qlora.metrics import MetricsLogger
+from qlora.model import apply_lora, load_model, load_tokenizer, prepare_for_training, trainable_summary
+from qlora.optim import build_optimizer, build_scheduler, clip_gradients
+
+log = logging.getLogger("qlora")
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimiser steps done
+    tokens: int = 0  # input tokens seen (all processes)
+
+
+def build_model(cfg: RecipeConfig, rt: runtime.Runtime) -> nn.Module:
+    """The 4-bit (or 16-bit with quant.enabled=false) base with LoRA adapters, ready to train."""
+    q = cfg.quant
+    model = load_model(cfg.model.name_or_path, quantize=q.enabled, quant_type=q.quant_type, blocksize=q.blocksize,
+                       double_quant=q.double_quant,
+                       quant_storage=torch.bfloat16 if q.quant_storage == "bf16" else torch.uint8,
+                       compute_dtype=rt.dtype, skip_modules=tuple(q.skip_modules),
+                       trust_remote_code=cfg.model.trust_remote_code, device=rt.device)
+    lc = cfg.lora
+    apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.targets, lc.use_rslora, runtime.resolve_dtype(lc.dtype))
+    return prepare_for_training(model, cfg.train.gradient_checkpointing)
+
+
+def adapter_kwargs(cfg: RecipeConfig) -> dict:
+    lc = cfg.lora
+    return {"base_model_name_or_path": cfg.model.name_or_path, "r": lc.r, "alpha": lc.alpha,
+            "dropout": lc.dropout, "targets": lc.targets, "use_rslora": lc.use_rslora}
+
+
+@torch.no_grad()
+def evaluate(loss_fn: nn.Module, loader, rt: runtime.Runtime, max_batches: int | None = None) -> dict:
+    """Mean token loss and perplexity over (at most `max_batches` of) the eval loader, all processes."""
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        loss_sum, n = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
+        total, count = total + float(loss_sum), count + int(n)
+    loss_fn.train(was_training)
+    total, count = runtime.all_reduce_sum([total, count], rt)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
+
+
+def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> Path:
+    run_dir = Path(cfg.output.dir)
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+        raise UsageError(f"output.dir {str(run_dir)!r} already exists; pass --overwrite "
+                         "(or output.overwrite=true), --resume, or choose another output.dir")
+    return run_dir
+
+
+def _micro_batches(loader):
+    """Endless micro-batches; the sampler rolls over to the next epoch by itself."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise UsageError("the training data produced no batches")
+
+
+def _sample_prompts(cfg: RecipeConfig, k: int) -> list[str]:
+    rows = load_records(cfg.data.dataset, cfg.data.split)
+    rows = rows[: cfg.data.max_rows] if cfg.data.max_rows else rows
+    _, eval_idx = split_rows(rows, cfg.data)
+    prompts = [p for i in eval_idx if (p := first_user_turn(rows[i]))]
+    return prompts[:k]
+
+
+def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0) -> dict:
+    """Run the recipe; returns a summary (losses before/after, steps, tokens/s, output paths)."""
+    tc = cfg.train
+    rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
+    run_dir = prepare_run_dir(cfg, resume)
+    runtime.seed_everything(tc.seed)
+    say = print if rt.is_main else (lambda *a, **k: None)
+
+    t_load = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    model = build_model(cfg, rt)
+    say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
+        f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
+    train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
+                                                        rank=rt.rank, world_size=rt.world_size)
+    say(f"data: {stats.summary()}")
+    steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
+    total_steps = tc.max_steps or steps_per_epoch * (tc.epochs or 1)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    loss_fn: nn.Module = CausalLMLoss(model, tc.loss_chunk_size)
+    if rt.distributed:
+        loss_fn = nn.parallel.DistributedDataParallel(loss_fn, broadcast_buffers=False)
+
+    progress = Progress()
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train_loader.batch_sampler.load_state_dict(state["sampler"][rt.rank])
+        runtime.set_rng_state(state["rng"][rt.rank])
+        progress = Progress(**state["progress"])
+        say(f"resumed from {ckpt} at step {progress.step}")
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(cfg, run_dir / "recipe.yaml")
+    metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main)
+    prompts = _sample_prompts(cfg, samples) if samples and rt.is_main else []
+
+    summary: dict = {"run_dir": str(run_dir), "total_steps": total_steps}
+    if eval_loader is not None and not resume:
+        summary["eval_before"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
+        metrics.log({"step": 0, **summary["eval_before"]})
+        say(f"eval before training: loss {summary['eval_before']['eval_loss']:.4f} "
+            f"ppl {summary['eval_before']['eval_ppl']:.2f}")
+
+    batches = _micro_batches(train_loader)
+    model.train()
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not rt.is_main, desc="train", unit="step")
+    t_train, tokens_at_start = time.perf_counter(), progress.tokens
+    while progress.step < total_steps:
+        t0 = time.perf_counter()
+        window = [next(batches) for _ in range(tc.grad_accum_steps)]  # micro-batches of this step
+        local = [int((b["labels"][:, 1:] != -100).sum()) for b in window]
+        in_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+        global_targets, global_tokens = runtime.all_reduce_sum([sum(local), in_tokens], rt)
+        scale = rt.world_size / max(global_targets, 1.0)
+        loss_total = 0.0
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1 or not rt.distributed
+            ctx = contextlib.nullcontext() if sync else loss_fn.no_sync()
+            with ctx:
+                loss_sum, _ = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
+                (loss_sum * scale).backward()
+            loss_total += float(loss_sum.detach())
+        grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        (loss_total,) = runtime.all_reduce_sum([loss_total], rt)
+        progress.step += 1
+        progress.tokens += int(global_tokens)
+        dt = time.perf_counter() - t0
+        record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
+                  "loss": loss_total / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
+                  "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
+                  "grad_norm": grad_norm}
+        if progress.step % tc.log_every == 0 or progress.step == total_steps:
+            metrics.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        summary["last_loss"] = record["loss"]
+
+        if eval_loader is not None and tc.eval_every and progress.step % tc.eval_every == 0 \
+                and progress.step != total_steps:
+            metrics.log({"step": progress.step, **evaluate(loss_fn, eval_loader, rt, tc.eval_steps)})
+        if tc.save_every and progress.step % tc.save_every == 0:
+            _save_checkpoint(cfg, rt, run_dir, model, optimizer, scheduler, train_loader, progress)
+    bar.close()
+    elapsed = time.perf_counter() - t_train
+    summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
+    summary["train_time_s"] = elapsed
+
+    if eval_loader is not None:
+        summary["eval_after"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
+        metrics.log({"step": progress.step, **summary["eval_after"]})
+    if rt.is_main:
+        save_adapter(model, run_dir / "adapter", **adapter_kwargs(cfg))
+        summary["adapter"] = str(run_dir / "adapter")
+        if prompts:
+            summary["samples"] = before_after(model, tokenizer, prompts)
+    metrics.close()
+    return summary
+
+
+def _save_checkpoint(cfg, rt, run_dir, model, optimizer, scheduler, train_loader, progress: Progress) -> None:
+    """Gather per-rank sampler and RNG states, then rank 0 writes the checkpoint."""
+    sampler_states = [train_loader.batch_sampler.state_dict()]
+    rng_states = [runtime.rng_state()]
+    if rt.distributed:
+        import torch.distributed as dist
+
+        gathered: list = [None] * rt.world_size
+        dist.all_gather_object(gathered, (sampler_states[0], rng_states[0]))
+        sampler_states = [g[0] for g in gathered]
+        rng_states = [g[1] for g in gathered]
+    if rt.is_main:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sampler": sampler_states, "rng": rng_states,
+                 "progress": {"step": progress.step, "tokens": progress.tokens}}
+        save_checkpoint(run_dir, progress.step, model, adapter_kwargs(cfg), state)
+    if rt.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
