@@ -53,6 +53,22 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, adapter_kwargs: 
     return final
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """`optimizer.load_state_dict`, keeping every state tensor's saved dtype.
+
+    Both torch and bitsandbytes cast floating-point optimiser states to the parameter's dtype on
+    load; bitsandbytes keeps fp32 states for small bf16 LoRA matrices, so that cast would round
+    them to bf16 and a resumed run would drift from an uninterrupted one.
+    """
+    optimizer.load_state_dict(saved)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved["state"].items():
+        param = params[int(index)]
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                optimizer.state[param][key] = value.to(param.device)
+
+
 def load_checkpoint(path: Path, model: nn.Module) -> dict:
     """Load the adapter weights of checkpoint `path` into `model` (already LoRA-wrapped); return its state."""
     from safetensors.torch import load_file

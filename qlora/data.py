@@ -446,10 +446,14 @@ def make_dataloaders(tokenizer, cfg: DataConfig, micro_batch_size: int, seed: in
     if len(sampler) == 0:
         raise UsageError(f"{len(train)} training examples make fewer micro-batches than the "
                          f"{world_size} processes")
-    train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0)
+    # Own generators: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
+    # which would shift the dropout masks of a resumed run (it creates its iterator at a new point).
+    train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0,
+                              generator=torch.Generator().manual_seed(seed))
     eval_loader = None
     if evals:
         eval_sampler = ResumableBatchSampler([len(ex["input_ids"]) for ex in evals], micro_batch_size,
                                              shuffle=False, rank=rank, world_size=world_size, drop_uneven=False)
-        eval_loader = DataLoader(evals, batch_sampler=eval_sampler, collate_fn=collate_fn, num_workers=0)
+        eval_loader = DataLoader(evals, batch_sampler=eval_sampler, collate_fn=collate_fn, num_workers=0,
+                                 generator=torch.Generator().manual_seed(seed))
     return train_loader, eval_loader, stats

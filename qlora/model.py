@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterable, Sequence

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from qlora import runtime
 from qlora.adapter import save_adapter
-from qlora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qlora.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from qlora.config import RecipeConfig, save_recipe
 from qlora.data import load_records, make_dataloaders, split_rows
 from qlora.errors import UsageError
@@ -143,7 +143,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0) -> dict:
     if resume:
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         train_loader.batch_sampler.load_state_dict(state["sampler"][rt.rank])
         runtime.set_rng_state(state["rng"][rt.rank])

@@ -36,7 +36,7 @@ import torch
 __all__ = ["available", "cache_dir", "dequantize_4bit", "dequantize_8bit", "gemv_4bit", "quantize_4bit"]
 
 _SOURCE = Path(__file__).with_name("kernels4bit.c")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
@@ -121,7 +121,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qn_dequantize_8bit.argtypes = [p, p, p, i64, i64, ctypes.c_float, p, i32]
     lib.qn_dequantize_8bit.restype = None
     lib.qn_quantize_4bit.argtypes = [p, i32, i64, i64, p, p, p, p, i32]
-    lib.qn_quantize_4bit.restype = None
+    lib.qn_quantize_4bit.restype = i64
     lib.qn_gemv_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, i32, vp, i32, i32]
     lib.qn_gemv_4bit.restype = i32
 
@@ -243,7 +243,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: 
                   packed_out: torch.Tensor, absmax_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantisation of the n elements of `x`, bit-identical to bitsandbytes.
 
-    x: fp32 / bf16 / fp16 (contiguous, finite); bounds: fp32 (15,) sorted midpoints of the sorted
+    x: fp32 / bf16 / fp16 (contiguous); a NaN / Inf raises ValueError (found while scanning for the
+    absmax, so callers need no separate check); bounds: fp32 (15,) sorted midpoints of the sorted
     code; order: uint8 (16,), sorted rank -> code index; packed_out: uint8 (n + 1) // 2;
     absmax_out: fp32 ceil(n / blocksize). Returns (packed_out, absmax_out).
     """
@@ -254,9 +255,11 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: 
     _check(order, "order", (torch.uint8,), 16)
     _check(packed_out, "packed_out", (torch.uint8,), (n + 1) // 2)
     _check(absmax_out, "absmax_out", (torch.float32,), -(-n // blocksize))
-    _require().qn_quantize_4bit(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, bounds.data_ptr(),
-                                order.data_ptr(), packed_out.data_ptr(), absmax_out.data_ptr(),
-                                torch.get_num_threads())
+    nonfinite = _require().qn_quantize_4bit(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize,
+                                            bounds.data_ptr(), order.data_ptr(), packed_out.data_ptr(),
+                                            absmax_out.data_ptr(), torch.get_num_threads())
+    if nonfinite:
+        raise ValueError(f"x contains {nonfinite} NaN/Inf value(s); 4-bit quantisation needs finite values")
     return packed_out, absmax_out
 
 

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <float.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -47,7 +48,7 @@
 enum { QN_F32 = 0, QN_BF16 = 1, QN_F16 = 2 };
 
 /* Increment when a signature below changes; the Python loader checks it. */
-int qn_abi_version(void) { return 2; }
+int qn_abi_version(void) { return 3; }
 int qn_has_avx512(void) { return QN_AVX512; }
 
 /* ---------------------------------------------------------------- scalar conversions (RNE) */
@@ -131,7 +132,7 @@ static inline __m512i nibble_words(const uint8_t *bytes) {
 /* Table of 16 products rounded to a 16-bit dtype, duplicated to 32 words for vpermw. */
 static inline __m512i table16(__m512 prod, float scale, const float *code, int dtype) {
     __m256i h;
-    if (scale < QN_TINY_ABSMAX) {
+    if (fabsf(scale) < QN_TINY_ABSMAX) {
         uint16_t t[16];
         for (int k = 0; k < 16; k++) {
             float v = code[k] * scale;
@@ -152,6 +153,14 @@ static inline __m512i table16(__m512 prod, float scale, const float *code, int d
 #endif
     }
     return _mm512_broadcast_i64x4(h);
+}
+
+/* Elements i..i+15 of x (fp32 / bf16 / fp16) as fp32 (exact). */
+static inline __m512 load16_f32(const void *x, int dtype, int64_t i) {
+    if (dtype == QN_F32) return _mm512_loadu_ps((const float *)x + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    if (dtype == QN_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 /* Widens a 16-bit table back to fp32 (the weight values a bf16/fp16 dequantisation holds). */
@@ -238,16 +247,17 @@ static inline int quant_scalar(float v, float mul, float div, const float *bound
  * bitsandbytes' rule, kept exactly: full blocks scale by x * (1 / max(absmax, 1e-38)); the partial
  * last block divides by max(absmax, 1e-38) and stores that clamped absmax; full blocks store the
  * unclamped one. Clamping to [-1, 1] cannot change a rank (all bounds lie inside), so it is skipped.
- * An odd element count is padded with a 0 (rank of 0.0).
+ * An odd element count is padded with a 0 (rank of 0.0). Returns the number of NaN / Inf inputs
+ * (counted during the absmax pass, so callers need no separate scan); outputs are then undefined.
  */
-void qn_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, const float *bounds,
-                      const uint8_t *order, uint8_t *packed, float *absmax, int nthreads) {
-    int64_t nblocks = (n + blocksize - 1) / blocksize;
+int64_t qn_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, const float *bounds,
+                         const uint8_t *order, uint8_t *packed, float *absmax, int nthreads) {
+    int64_t nblocks = (n + blocksize - 1) / blocksize, nonfinite = 0;
 #if QN_AVX512
     __m512 boundv = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), 0x7fff, bounds);
     __m512i orderv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)order));
 #endif
-#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads)) reduction(+ : nonfinite)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t start = b * blocksize, end = start + blocksize < n ? start + blocksize : n;
         int partial = end - start < blocksize;
@@ -256,15 +266,17 @@ void qn_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, co
 #if QN_AVX512
         __m512 amv = _mm512_setzero_ps();
         for (; i + 16 <= end; i += 16) {
-            __m512 v;
-            if (dtype == QN_F32) v = _mm512_loadu_ps((const float *)x + i);
-            else if (dtype == QN_F16) v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)));
-            else v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
-            amv = _mm512_max_ps(amv, _mm512_abs_ps(v));
+            __m512 a = _mm512_abs_ps(load16_f32(x, dtype, i));
+            nonfinite += __builtin_popcount(_mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ));
+            amv = _mm512_max_ps(amv, a);
         }
         am = _mm512_reduce_max_ps(amv);
 #endif
-        for (; i < end; i++) am = fmaxf(am, fabsf(load_as_f32(x, dtype, i)));
+        for (; i < end; i++) {
+            float a = fabsf(load_as_f32(x, dtype, i));
+            nonfinite += !(a <= FLT_MAX);
+            am = fmaxf(am, a);
+        }
         float clamped = am > 1e-38f ? am : 1e-38f;
         absmax[b] = partial ? clamped : am;
         float mul = 1.0f / clamped, div = partial ? clamped : 0.0f;
@@ -273,11 +285,7 @@ void qn_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, co
         if (!partial && (start & 1) == 0) {
             __m512 mulv = _mm512_set1_ps(mul);
             for (; i + 16 <= end; i += 16) {
-                __m512 v;
-                if (dtype == QN_F32) v = _mm512_loadu_ps((const float *)x + i);
-                else if (dtype == QN_F16) v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)));
-                else v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
-                __m512 s = _mm512_mul_ps(v, mulv);
+                __m512 s = _mm512_mul_ps(load16_f32(x, dtype, i), mulv);
                 __m512i r = _mm512_setzero_si512();
                 for (int step = 8; step; step >>= 1) {
                     __m512i cand = _mm512_add_epi32(r, _mm512_set1_epi32(step));
@@ -298,6 +306,7 @@ void qn_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, co
             packed[i >> 1] = (uint8_t)((hi << 4) | lo);
         }
     }
+    return nonfinite;
 }
 
 /* ------------------------------------------------------------------- matrix-vector product */
@@ -320,8 +329,8 @@ static inline QN_ALWAYS_INLINE void gemv_row(const float *x, const float *xe, co
     __m512 codev = _mm512_loadu_ps(code);
     int64_t Kh = K / 2;
 #endif
-    while (i < row1) {
-        int64_t b = i / blocksize, bend = (b + 1) * blocksize < row1 ? (b + 1) * blocksize : row1;
+    for (int64_t b = row0 / blocksize, next = (b + 1) * blocksize; i < row1; b++, next += blocksize) {
+        int64_t bend = next < row1 ? next : row1;
         float scale = absmax[b];
 #if QN_AVX512
         if (xe && (i & 1) == 0 && i + 32 <= bend) {

@@ -1,0 +1,57 @@
+"""Tiny random causal LMs of several families, built in-process and saved as HF folders (bf16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=False)
+    if family == "llama-tied":
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True)
+    if family == "mistral":
+        return tf.MistralConfig(**COMMON, sliding_window=32)
+    if family == "qwen2":  # q/k/v carry biases
+        return tf.Qwen2Config(**COMMON, tie_word_embeddings=True)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    if family == "gpt2":  # Conv1D layers with (in, out) weights, tied lm_head
+        return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                             bos_token_id=0, eos_token_id=1)
+    raise ValueError(family)
+
+
+def save_tiny(family: str, folder: Path, seed: int = 0, **save_kwargs) -> Path:
+    """Build a random ``family`` model (bf16, fixed seed), save it to ``folder``; return the folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).to(torch.bfloat16)
+    with torch.no_grad():  # larger than the 0.02 init, so 4-bit rounding shows in the logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder, **save_kwargs)
+    return Path(folder)
+
+
+def tokens(n: int = 2, length: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g)
+
+
+def randomise_lora_b(model, seed: int = 2, std: float = 0.05) -> None:
+    """Give every LoRA B a random value so the adapters change the output (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
