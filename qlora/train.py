@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -115,8 +116,17 @@ def _sample_prompts(cfg: RecipeConfig, k: int) -> list[str]:
     return prompts[:k]
 
 
-def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0) -> dict:
-    """Run the recipe; returns a summary (losses before/after, steps, tokens/s, output paths)."""
+def no_phases(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
+          phase: Callable[[str], contextlib.AbstractContextManager] = no_phases) -> dict:
+    """Run the recipe; returns a summary (losses before/after, steps, tokens/s, output paths).
+
+    `phase(name)` wraps each stage in a context manager, for profilers (tools/memory_profile.py):
+    "load", "forward", "backward", "optimizer", "eval", "save".
+    """
     tc = cfg.train
     rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
     run_dir = prepare_run_dir(cfg, resume)
@@ -124,8 +134,9 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0) -> dict:
     say = print if rt.is_main else (lambda *a, **k: None)
 
     t_load = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    model = build_model(cfg, rt)
+    with phase("load"):
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        model = build_model(cfg, rt)
     say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
         f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
@@ -157,7 +168,8 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0) -> dict:
 
     summary: dict = {"run_dir": str(run_dir), "total_steps": total_steps}
     if eval_loader is not None and not resume:
-        summary["eval_before"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
+        with phase("eval"):
+            summary["eval_before"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
         metrics.log({"step": 0, **summary["eval_before"]})
         say(f"eval before training: loss {summary['eval_before']['eval_loss']:.4f} "
             f"ppl {summary['eval_before']['eval_ppl']:.2f}")
@@ -178,13 +190,16 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0) -> dict:
             sync = i == len(window) - 1 or not rt.distributed
             ctx = contextlib.nullcontext() if sync else loss_fn.no_sync()
             with ctx:
-                loss_sum, _ = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
-                (loss_sum * scale).backward()
+                with phase("forward"):
+                    loss_sum, _ = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
+                with phase("backward"):
+                    (loss_sum * scale).backward()
             loss_total += float(loss_sum.detach())
-        grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        with phase("optimizer"):
+            grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
         (loss_total,) = runtime.all_reduce_sum([loss_total], rt)
         progress.step += 1
@@ -202,19 +217,23 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0) -> dict:
 
         if eval_loader is not None and tc.eval_every and progress.step % tc.eval_every == 0 \
                 and progress.step != total_steps:
-            metrics.log({"step": progress.step, **evaluate(loss_fn, eval_loader, rt, tc.eval_steps)})
+            with phase("eval"):
+                metrics.log({"step": progress.step, **evaluate(loss_fn, eval_loader, rt, tc.eval_steps)})
         if tc.save_every and progress.step % tc.save_every == 0:
-            _save_checkpoint(cfg, rt, run_dir, model, optimizer, scheduler, train_loader, progress)
+            with phase("save"):
+                _save_checkpoint(cfg, rt, run_dir, model, optimizer, scheduler, train_loader, progress)
     bar.close()
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
     summary["train_time_s"] = elapsed
 
     if eval_loader is not None:
-        summary["eval_after"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
+        with phase("eval"):
+            summary["eval_after"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
         metrics.log({"step": progress.step, **summary["eval_after"]})
     if rt.is_main:
-        save_adapter(model, run_dir / "adapter", **adapter_kwargs(cfg))
+        with phase("save"):
+            save_adapter(model, run_dir / "adapter", **adapter_kwargs(cfg))
         summary["adapter"] = str(run_dir / "adapter")
         if prompts:
             summary["samples"] = before_after(model, tokenizer, prompts)

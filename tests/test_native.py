@@ -202,11 +202,24 @@ def test_missing_compiler_warns_once_and_falls_back(tmp_path):
     assert len(report["warnings"]) == 1 and "compiler" in report["warnings"][0]
 
 
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+
+
 @needs_native
-def test_portable_scalar_build_matches(tmp_path):
-    """A baseline-x86-64 (no AVX-512) build, in a fresh cache, gives the same bits."""
-    if os.uname().machine != "x86_64":
-        pytest.skip("the baseline -march value is x86-64 specific")
+@pytest.mark.parametrize(
+    "march, avx512, needs",
+    [("x86-64", 0, set()),  # the portable scalar code
+     ("skylake-avx512", 1, {"avx512f", "avx512bw"})],  # AVX-512 without BF16: vector RNE fallback
+)
+def test_other_builds_match(tmp_path, march, avx512, needs):
+    """Builds for other targets, each in a fresh cache, give the same bits as this machine's."""
+    if os.uname().machine != "x86_64" or not needs <= cpu_flags():
+        pytest.skip(f"-march={march} needs an x86-64 CPU with {sorted(needs)}")
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -227,8 +240,8 @@ def test_portable_scalar_build_matches(tmp_path):
                           "packed": packed.tolist(), "absmax": absmax.tolist(),
                           "out": out.float().tolist(), "y": y.float().tolist(),
                           "files": sorted(p.name for p in native.cache_dir().iterdir())}}))
-    """, QLORA_NATIVE_MARCH="x86-64", QLORA_HOME=str(tmp_path / "home"))
-    assert report["avx512"] == 0
+    """, QLORA_NATIVE_MARCH=march, QLORA_HOME=str(tmp_path / "home"))
+    assert report["avx512"] == avx512
     assert len(report["files"]) == 1 and report["files"][0].endswith(".so")  # no temp file left
     packed, absmax = native_quantize(x, "nf4", 64)
     out = native.dequantize_4bit(packed, absmax, code, 64, torch.empty(700, dtype=torch.bfloat16))

@@ -9,11 +9,9 @@ has 48 GiB).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 
 from qlora.errors import UsageError
+from qlora.io import write_json_atomic
 from qlora.memory import BUILTIN_MODELS, GIB, LINEAR_NAMES, MemoryPlan, PlanSettings, plan_memory, resolve_model
 from qlora.memory.plan import ATTENTION, BLOCKSIZES, DEVICES, DTYPE_BYTES, LOSSES, OPTIMIZERS, QUANT_TYPES
 
@@ -59,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     gpu_bytes = int(args.gpu_gb * GIB)
     print(format_table(plan, gpu_bytes))
     if args.json:
-        _write_json_atomic(args.json, plan.to_dict(gpu_bytes))
+        write_json_atomic(args.json, plan.to_dict(gpu_bytes))
     return 0
 
 
@@ -79,21 +77,6 @@ def format_table(plan: MemoryPlan, gpu_bytes: int) -> str:
     lines.append(f"activations: {d['activations_with_checkpointing_bytes'] / GIB:.3f} GiB with gradient checkpointing, "
                  f"{d['activations_without_checkpointing_bytes'] / GIB:.3f} GiB without")
     return "\n".join(lines)
-
-
-def _write_json_atomic(path: str, data: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"--json {path!r}: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memory-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _positive_int(text: str) -> int:
