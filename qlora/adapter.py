@@ -158,11 +158,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype =
         use_rslora=config.get("use_rslora", False),
         dtype=dtype,
     )
-    _load_lora_weights(model, tensors, weights_path)
+    load_lora_weights(model, tensors, weights_path)
     return adapted
 
 
-def _load_lora_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def load_lora_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     expected = {}
     for fqn, m in lora_modules(model).items():
         for part in ("lora_A", "lora_B"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qlora.adapter import lora_modules, save_adapter
+from qlora.adapter import WEIGHTS_FILE, load_lora_weights, save_adapter
 from qlora.errors import UsageError
 from qlora.export import atomic_folder
 
@@ -73,17 +73,9 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
     """Load the adapter weights of checkpoint `path` into `model` (already LoRA-wrapped); return its state."""
     from safetensors.torch import load_file
 
-    from qlora.adapter import PEFT_PREFIX, WEIGHTS_FILE
-
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise UsageError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    tensors = load_file(path / "adapter" / WEIGHTS_FILE)
-    modules = lora_modules(model)
-    for fqn, module in modules.items():
-        for part in ("lora_A", "lora_B"):
-            key = f"{PEFT_PREFIX}{fqn}.{part}.weight"
-            if key not in tensors:
-                raise UsageError(f"checkpoint {path} lacks {key}; was it written with another lora.targets?")
-            getattr(module, part).weight.data.copy_(tensors[key])
+    weights = path / "adapter" / WEIGHTS_FILE
+    load_lora_weights(model, load_file(weights), weights)
     return torch.load(state_file, weights_only=True)

@@ -296,7 +296,7 @@ class TrainConfig(_Section):
     eval_every: int = 0
     """Evaluate every N optimiser steps (0: only before and after training)."""
     eval_steps: Optional[int] = None
-    """At most this many eval batches per evaluation (null: the whole eval split)."""
+    """At most this many eval micro-batches per evaluation, in total over all processes (null: the whole eval split)."""
     log_every: int = 1
     """Write a metrics record every N optimiser steps."""
     save_every: int = 0

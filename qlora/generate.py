@@ -29,20 +29,25 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.enable()
 
 
-def render_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
-    """A user turn rendered with the tokenizer's chat template (plus the assistant header)."""
+def render_chat(tokenizer, messages: list[dict], chat: bool = True) -> str:
+    """A conversation rendered with the tokenizer's chat template, ending in the assistant header.
+
+    Without a chat template (or with `chat=False`) the last user message is used as raw text.
+    """
     if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages[-1]["content"]
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.0,
-             top_p: float = 1.0, chat: bool = True, seed: int | None = None) -> str:
-    """Complete one prompt; temperature 0 is greedy decoding."""
-    text = render_prompt(tokenizer, prompt, chat)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
+def generate(model: nn.Module, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 48,
+             temperature: float = 0.0, top_p: float = 1.0, chat: bool = True, seed: int | None = None) -> str:
+    """Answer one prompt (or a list of chat messages); temperature 0 is greedy decoding."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = render_chat(tokenizer, messages, chat)
+    templated = chat and getattr(tokenizer, "chat_template", None)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
+    inputs = inputs.to(next(model.parameters()).device)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,
                               "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
     if temperature > 0:

@@ -71,7 +71,14 @@ def adapter_kwargs(cfg: RecipeConfig) -> dict:
 
 @torch.no_grad()
 def evaluate(loss_fn: nn.Module, loader, rt: runtime.Runtime, max_batches: int | None = None) -> dict:
-    """Mean token loss and perplexity over (at most `max_batches` of) the eval loader, all processes."""
+    """Mean token loss and perplexity over the eval loader on all processes.
+
+    `max_batches` caps the micro-batches in total (split over the processes, which take
+    alternate batches), so the same batches are evaluated whatever the number of processes.
+    """
+    if max_batches is not None:
+        max_batches = -(-max_batches // rt.world_size)
+    loader.batch_sampler.load_state_dict({"epoch": 0, "index": 0})  # always the same batches, from the start
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
@@ -227,6 +234,8 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
     summary["train_time_s"] = elapsed
 
+    if rt.distributed:
+        summary["ranks_agree"] = _ranks_agree(model, rt)
     if eval_loader is not None:
         with phase("eval"):
             summary["eval_after"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
@@ -239,6 +248,19 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
             summary["samples"] = before_after(model, tokenizer, prompts)
     metrics.close()
     return summary
+
+
+def _ranks_agree(model: nn.Module, rt: runtime.Runtime) -> bool:
+    """Check every process ends with rank 0's adapter weights (DDP keeps them in lockstep)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters() if p.requires_grad])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    (diverged,) = runtime.all_reduce_sum([float(not torch.equal(flat, reference))], rt)
+    if diverged:
+        raise RuntimeError(f"{int(diverged)} process(es) ended with adapter weights that differ from rank 0's")
+    return True
 
 
 def _save_checkpoint(cfg, rt, run_dir, model, optimizer, scheduler, train_loader, progress: Progress) -> None:

@@ -273,3 +273,23 @@ def test_quantize_counts_non_finite_values(dtype):
         native_quantize(x, "nf4", 64)
     x[[3, 500, 999]] = torch.finfo(dtype).max  # the largest finite value is fine
     native_quantize(x, "nf4", 64)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_tensors_bit_exact_on_any_thread_count(threads):
+    """Sizes above the kernels' parallel threshold (32768 elements), split across threads."""
+    n, blocksize = 200_003, 64
+    torch.manual_seed(threads)
+    x = torch.randn(n).to(torch.bfloat16)
+    code, _, _ = tables("nf4")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        packed, absmax = native_quantize(x, "nf4", blocksize)
+        out = native.dequantize_4bit(packed, absmax, code, blocksize, torch.empty(n, dtype=torch.bfloat16))
+    finally:
+        torch.set_num_threads(previous)
+    ref_packed, ref_state = bnb_quantize(x, "nf4", blocksize)
+    assert torch.equal(packed, ref_packed.reshape(-1)) and torch.equal(absmax, ref_state.absmax)
+    assert torch.equal(out, bnb_functional.dequantize_4bit(ref_packed, ref_state).reshape(-1))

@@ -117,3 +117,24 @@ def test_bad_overrides_exit_2_and_write_nothing(tmp_path, override, words):
 def test_missing_recipe_exits_2(tmp_path):
     result = run_cli("train", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_eval_command_reproduces_the_runs_final_eval(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = run_cli("eval", str(out), "--json", str(tmp_path / "eval.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((tmp_path / "eval.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert measured["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-6)
+    base = run_cli("eval", str(out), "--base", "--json", str(tmp_path / "base.json"))
+    assert base.returncode == 0, base.stderr[-3000:]
+    assert json.loads((tmp_path / "base.json").read_text())["eval_loss"] == pytest.approx(
+        summary["eval_before"]["eval_loss"], rel=1e-6)
+
+
+def test_generate_command_prompt_and_chat(tiny_run):
+    out, _ = tiny_run
+    result = run_cli("generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    bad = run_cli("generate", str(out), "--prompt", "Hello", "--max-new-tokens", "0")
+    assert bad.returncode == 2 and "--max-new-tokens" in bad.stderr

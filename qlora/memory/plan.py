@@ -46,8 +46,12 @@ with frozen 4-bit linears (whose backward needs only the packed weight, never th
 
 Logits and loss (transformers' ForCausalLMLoss): c*T*V logits (the caller keeps them), a transient fp32
 upcast, log-softmax output saved in fp32, then in backward its fp32 gradient and the fp32 gradient of
-the upcast: (c + 12)*T*V at the peak. With `loss="chunked"` only `loss_chunk` tokens are materialised
-at a time: (c + 12)*chunk*V.
+the upcast: (c + 12)*T*V at the peak. With `loss="chunked"` (qlora.loss.CausalLMLoss: only target
+positions, each chunk under activation checkpointing, no logits returned to the caller) the forward
+keeps the N = b*(s-1) target positions' hidden states (c*h each) and their int64 indices (8 each),
+and the backward recomputes one chunk of n = min(chunk, N) tokens: the fp32 log-softmax output, its
+fp32 gradient and the fp32 gradient of the upcast are alive together, 12*n*V; the c-byte logits
+live only inside the recomputation, beside the fp32 upcast (6*n*V), so they never set the peak.
 
 Dequantisation workspace: a 4-bit linear dequantises its weight to c bytes for each matmul; with the
 caching allocator the previous buffer is still held while the next is filled, so 2 x the largest
@@ -111,6 +115,9 @@ class PlanSettings:
     loss: str = "full"
     loss_chunk: int = 1024
     """Tokens per chunk when loss="chunked"."""
+    target_tokens: int | None = None
+    """Tokens per micro-batch that carry a label, for loss="chunked" (which computes logits for them
+    only); None means all of them: micro_batch * (seq_len - 1). Prompt masking makes it smaller."""
     device: str = "cuda"
     overhead_bytes: int | None = None
     """Framework overhead; None means 1 GiB on CUDA and 0 on CPU."""
@@ -135,6 +142,9 @@ class PlanSettings:
         _check_choice("attention", self.attention, ATTENTION)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("device", self.device, DEVICES)
+        if self.target_tokens is not None and (isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int)
+                                               or not 0 <= self.target_tokens <= self.micro_batch * self.seq_len):
+            raise UsageError(f"target_tokens must be an integer from 0 to micro_batch * seq_len, got {self.target_tokens!r}")
         if self.overhead_bytes is not None and (not isinstance(self.overhead_bytes, int) or self.overhead_bytes < 0):
             raise UsageError(f"overhead_bytes must be a non-negative integer, got {self.overhead_bytes!r}")
 
@@ -296,8 +306,59 @@ def activation_grad_bytes(model: ModelShape, s: PlanSettings) -> int:
 
 def logits_loss_bytes(model: ModelShape, s: PlanSettings) -> int:
     c = DTYPE_BYTES[s.compute_dtype]
-    tokens = s.tokens if s.loss == "full" else min(s.loss_chunk, s.tokens)
-    return (c + 12) * tokens * model.vocab_size
+    if s.loss == "full":
+        return (c + 12) * s.tokens * model.vocab_size
+    targets = s.micro_batch * (s.seq_len - 1) if s.target_tokens is None else s.target_tokens  # t predicts t+1
+    return 12 * min(s.loss_chunk, targets) * model.vocab_size + targets * (c * model.hidden_size + 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSettings:
+    """`PlanSettings` for a training recipe (a `qlora.config.RecipeConfig`), as our trainer runs it.
+
+    The sequence length is the recipe's `data.max_length` (the longest a batch can be) and every
+    token is counted as a loss target: the plan is for the worst batch the recipe allows. The
+    trainer's loss is chunked (`qlora.loss.CausalLMLoss`) unless `train.loss_chunk_size` is 0.
+    LoRA targets given as names or a `re:` pattern are matched against each decoder layer's linear
+    layer names. `changes` override single fields (e.g. `seq_len=` for a batch actually seen).
+    """
+    if not recipe.quant.enabled:
+        raise UsageError("quant.enabled is false: the planner models a 4-bit base (QLoRA) only")
+    chunk = recipe.train.loss_chunk_size
+    fields = dict(
+        lora_r=recipe.lora.r, lora_targets=_recipe_targets(recipe.lora.targets), lora_dropout=recipe.lora.dropout,
+        lora_dtype=recipe.lora.dtype, seq_len=recipe.data.max_length, micro_batch=recipe.train.micro_batch_size,
+        grad_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.optim.name,
+        compute_dtype=recipe.model.dtype, quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
+        double_quant=recipe.quant.double_quant,
+        attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
+        loss="chunked" if chunk else "full", loss_chunk=chunk or 1024, device=device)
+    return PlanSettings(**{**fields, **changes})
+
+
+def _recipe_targets(targets) -> tuple[str, ...]:
+    """A recipe's `lora.targets` as the planner's linear-layer names."""
+    import re
+
+    if targets == "all-linear":
+        return LINEAR_NAMES
+    if isinstance(targets, str) and targets.startswith("re:"):
+        pattern = re.compile(targets[3:])
+        where = {n: "self_attn" if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp" for n in LINEAR_NAMES}
+        names = tuple(n for n in LINEAR_NAMES if pattern.fullmatch(f"model.layers.0.{where[n]}.{n}"))
+    else:
+        leaves = {t.rpartition(".")[2] for t in targets}
+        unknown = sorted(leaves - set(LINEAR_NAMES))
+        if unknown:
+            raise UsageError(f"lora.targets {list(targets)!r}: the planner knows only {', '.join(LINEAR_NAMES)}, "
+                             f"not {', '.join(unknown)}")
+        names = tuple(n for n in LINEAR_NAMES if n in leaves)
+    if not names:
+        raise UsageError(f"lora.targets {targets!r} matches none of {', '.join(LINEAR_NAMES)}")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,16 +113,16 @@ def _build(cc: str, flags: tuple[str, ...], target: Path) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32, vp = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.qn_abi_version.restype = i32
     lib.qn_has_avx512.restype = i32
-    lib.qn_dequantize_4bit.argtypes = [p, p, p, i64, i64, vp, i32, i32]
+    lib.qn_dequantize_4bit.argtypes = [p, p, p, i64, i64, p, i32, i32]
     lib.qn_dequantize_4bit.restype = None
     lib.qn_dequantize_8bit.argtypes = [p, p, p, i64, i64, ctypes.c_float, p, i32]
     lib.qn_dequantize_8bit.restype = None
     lib.qn_quantize_4bit.argtypes = [p, i32, i64, i64, p, p, p, p, i32]
     lib.qn_quantize_4bit.restype = i64
-    lib.qn_gemv_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, i32, vp, i32, i32]
+    lib.qn_gemv_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, i32, p, i32, i32]
     lib.qn_gemv_4bit.restype = i32
 
 
@@ -149,7 +149,8 @@ def _load() -> ctypes.CDLL | None:
         cc = _compiler()
         if cc is None:
             raise RuntimeError("no C compiler found (set CC, or install cc/gcc)")
-        lib = ctypes.CDLL(str(_built_library(cc)))
+        path = _built_library(cc)
+        lib = ctypes.CDLL(str(path))
         _declare(lib)
         if lib.qn_abi_version() != _ABI_VERSION:
             raise RuntimeError(f"{path} has ABI {lib.qn_abi_version()}, expected {_ABI_VERSION}")

@@ -1,6 +1,7 @@
 /*
- * Fast CPU kernels for bitsandbytes-format 4-bit weights: dequantise, quantise, and a fused
- * matrix-vector product that reads the packed bytes directly.
+ * Fast CPU kernels for bitsandbytes-format 4-bit weights: dequantise, quantise, a fused
+ * matrix-vector product that reads the packed bytes directly, and the decoding of double-quantised
+ * (8-bit) block scales.
  *
  * Format (shared with bitsandbytes 0.50): element i of the flattened tensor is a 4-bit index into a
  * 16-entry fp32 codebook; element 2j lives in the HIGH nibble of byte j, element 2j+1 in the LOW
@@ -116,6 +117,9 @@ static inline int nibble(const uint8_t *packed, int64_t i) {
 
 static inline int set_threads(int nthreads) { return nthreads > 0 ? nthreads : 1; }
 
+/* Tensors smaller than this (elements) run on the calling thread: waking the team costs more. */
+#define QN_PARALLEL_MIN 32768
+
 /* Below this scale a code*absmax product may be an fp32 subnormal (|code| >= 2^-8 for non-zero
  * codes of every shipped table, and a generous margin): such blocks use the scalar table. */
 #define QN_TINY_ABSMAX 0x1p-100f
@@ -187,7 +191,7 @@ void qn_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
     __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
 #endif
-#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads)) if(n >= QN_PARALLEL_MIN)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t i = b * blocksize, end = i + blocksize < n ? i + blocksize : n;
         float scale = absmax[b];
@@ -220,7 +224,7 @@ void qn_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
 void qn_dequantize_8bit(const uint8_t *q, const float *code, const float *absmax, int64_t n,
                         int64_t blocksize, float offset, float *out, int nthreads) {
     int64_t nblocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads)) if(n >= QN_PARALLEL_MIN)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t end = (b + 1) * blocksize < n ? (b + 1) * blocksize : n;
         float scale = absmax[b];
@@ -257,7 +261,7 @@ int64_t qn_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize,
     __m512 boundv = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), 0x7fff, bounds);
     __m512i orderv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)order));
 #endif
-#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads)) reduction(+ : nonfinite)
+#pragma omp parallel for schedule(static) num_threads(set_threads(nthreads)) if(n >= QN_PARALLEL_MIN) reduction(+ : nonfinite)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t start = b * blocksize, end = start + blocksize < n ? start + blocksize : n;
         int partial = end - start < blocksize;
@@ -363,7 +367,7 @@ static inline QN_ALWAYS_INLINE void gemv_row(const float *x, const float *xe, co
     static void gemv_rows_##M(const float *x, const float *xe, const float *xo, const uint8_t *p, \
                               const float *am, const float *code, int64_t bs, int64_t N, int64_t K, \
                               int wdtype, void *out, int odtype, int64_t out_row0, int nthreads) { \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                        \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(N * K >= QN_PARALLEL_MIN)")                        \
         for (int64_t o = 0; o < N; o++) {                                                         \
             float acc[8];                                                                         \
             gemv_row(x, xe, xo, M, p, am, code, bs, K, o, wdtype, acc);                           \

@@ -1,0 +1,52 @@
+"""`qlora eval TARGET [k=v ...]`: loss and perplexity of a model (+ adapter) on a data set."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="loss / perplexity of a model or model + adapter",
+        description="Evaluate TARGET (a run folder, a recipe file, or a model name/folder) on the recipe's "
+                    "held-out split (--split eval) or its training split. A run folder's adapter is used "
+                    "unless --base.")
+    p.add_argument("target", help="run folder, recipe .yaml, or model name / folder")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. data.dataset=FILE")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply")
+    p.add_argument("--base", action="store_true", help="evaluate the base model without any adapter")
+    p.add_argument("--split", choices=("eval", "train"), default="eval", help="which split (default: eval)")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N", help="stop after N batches")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlora import runtime
+    from qlora.data import make_dataloaders
+    from qlora.errors import UsageError
+    from qlora.inference import load_for_inference, resolve_target
+    from qlora.io import write_json_atomic
+    from qlora.loss import CausalLMLoss
+    from qlora.train import evaluate
+
+    if args.max_batches is not None and args.max_batches < 1:
+        raise UsageError(f"--max-batches must be >= 1, got {args.max_batches}")
+    target = resolve_target(args.target, args.overrides, args.adapter, args.base)
+    cfg = target.cfg
+    rt = runtime.setup(cfg.train.device, cfg.model.dtype, cfg.train.threads)
+    model, tokenizer = load_for_inference(target, rt.device)
+    train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, cfg.train.micro_batch_size,
+                                                        cfg.train.seed)
+    loader = eval_loader if args.split == "eval" else train_loader
+    if loader is None:
+        raise UsageError("the recipe holds out no eval rows (data.eval_size / eval_fraction); use --split train")
+    result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, args.max_batches)
+    result.update(model=cfg.model.name_or_path, adapter=str(target.adapter) if target.adapter else None,
+                  split=args.split, dataset=cfg.data.dataset)
+    print(f"{cfg.model.name_or_path}{' + ' + str(target.adapter) if target.adapter else ''} on "
+          f"{cfg.data.dataset} ({args.split}, {result['eval_tokens']} tokens): "
+          f"loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.3f}")
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0

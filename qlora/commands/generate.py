@@ -1,0 +1,60 @@
+"""`qlora generate TARGET [--prompt TEXT]`: answer a prompt, or chat interactively."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="answer a prompt or chat with a model (+ adapter)",
+        description="Generate with TARGET (a run folder, a recipe file, or a model name/folder; a run "
+                    "folder's adapter is used unless --base). Without --prompt, chat on standard input "
+                    "(an empty line or EOF ends; /reset clears the history).")
+    p.add_argument("target", help="run folder, recipe .yaml, or model name / folder")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. quant.enabled=false")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply")
+    p.add_argument("--base", action="store_true", help="use the base model without any adapter")
+    p.add_argument("--prompt", help="one prompt to answer (otherwise interactive chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--no-chat", action="store_true", help="plain text completion, no chat template")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlora import runtime
+    from qlora.errors import UsageError
+    from qlora.generate import generate
+    from qlora.inference import load_for_inference, resolve_target
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError(f"--temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature}, {args.top_p}")
+    target = resolve_target(args.target, args.overrides, args.adapter, args.base)
+    rt = runtime.setup(target.cfg.train.device, target.cfg.model.dtype, target.cfg.train.threads)
+    model, tokenizer = load_for_inference(target, rt.device)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   chat=not args.no_chat, seed=args.seed)
+    if args.prompt is not None:
+        print(generate(model, tokenizer, args.prompt, **options))
+        return 0
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        answer = generate(model, tokenizer, history if not args.no_chat else line.strip(), **options)
+        history.append({"role": "assistant", "content": answer})
+        print(f"{'bot> ' if interactive else ''}{answer}", flush=True)

@@ -1,0 +1,65 @@
+"""Resolve what `qlora eval` / `qlora generate` should load, and load it.
+
+A TARGET is one of
+- a run folder (has `recipe.yaml`; its `adapter/` is used unless `--base`),
+- a recipe file (`*.yaml`),
+- a model: a built-in name (`smollm2-135m`), a local HF folder, or a 4-bit export.
+The recipe (or the defaults, for a bare model) supplies the quantisation and data settings;
+`section.key=value` overrides apply on top, as for `qlora train`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+from qlora.config import RecipeConfig, apply_override, load_recipe, recipe_from_dict
+from qlora.errors import UsageError
+
+
+@dataclass
+class Target:
+    cfg: RecipeConfig
+    adapter: Path | None
+
+
+def resolve_target(target: str, overrides: list[str], adapter: str | None = None, base_only: bool = False) -> Target:
+    path = Path(target)
+    run_adapter = None
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        cfg = load_recipe(path / "recipe.yaml", overrides)
+        run_adapter = path / "adapter" if (path / "adapter").is_dir() else None
+    elif path.suffix in (".yaml", ".yml"):
+        cfg = load_recipe(path, overrides)
+    else:
+        data: dict = {"model": {"name_or_path": target}}
+        for item in overrides:
+            apply_override(data, item)
+        cfg = recipe_from_dict(data)
+    chosen = None if base_only else Path(adapter) if adapter else run_adapter
+    if chosen is not None and not chosen.is_dir():
+        raise UsageError(f"--adapter {str(chosen)!r} is not a folder")
+    return Target(cfg, chosen)
+
+
+def load_for_inference(target: Target, device) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer), with the adapter applied when there is one."""
+    import torch
+
+    from qlora import runtime
+    from qlora.adapter import load_adapter
+    from qlora.model import load_model, load_tokenizer
+
+    cfg, q = target.cfg, target.cfg.quant
+    dtype = runtime.resolve_dtype(cfg.model.dtype)
+    model = load_model(cfg.model.name_or_path, quantize=q.enabled, quant_type=q.quant_type, blocksize=q.blocksize,
+                       double_quant=q.double_quant,
+                       quant_storage=torch.bfloat16 if q.quant_storage == "bf16" else torch.uint8,
+                       compute_dtype=dtype, skip_modules=tuple(q.skip_modules),
+                       trust_remote_code=cfg.model.trust_remote_code, device=device)
+    if target.adapter is not None:
+        load_adapter(model, target.adapter, dtype=runtime.resolve_dtype(cfg.lora.dtype))
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    return model.eval(), tokenizer

@@ -1,0 +1,145 @@
+"""Figures: training loss curves and the quantisation-accuracy report.
+
+matplotlib is an optional extra (``pip install 'qlora[plot]'``). It is imported only when a figure
+is drawn, with the non-interactive Agg backend (no display needed); when it is missing,
+``MatplotlibMissing`` (a ``UsageError``) says how to install it, so tools can still write their
+JSON and explain why the PNG is absent. Figures are rendered to memory and written atomically
+(temporary file, then rename), so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from qlora.errors import UsageError
+from qlora.metrics import read_metrics
+
+INSTALL_HINT = "pip install 'qlora[plot]' (or pip install matplotlib)"
+
+
+class MatplotlibMissing(UsageError):
+    """matplotlib is not installed; the message says how to install it."""
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or ``MatplotlibMissing``."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise MatplotlibMissing(f"plotting needs matplotlib: {INSTALL_HINT}") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Render ``fig`` as PNG and write it atomically to ``path``; the figure is closed."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        pyplot().close(fig)
+    return _write_bytes_atomic(Path(path), buf.getvalue())
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> Path:
+    # The binary twin of qlora.io.write_text_atomic (belongs there; kept here until it moves).
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ================================================================================ loss curves
+
+
+def load_run_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run, one per step (a resumed run's later record wins)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {str(run_dir)!r} is not a directory")
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UsageError(f"RUN_DIR {str(run_dir)!r} has no metrics.jsonl (written by `qlora train`)")
+    try:
+        records = read_metrics(run_dir)
+    except ValueError as err:  # json.JSONDecodeError
+        raise UsageError(f"{run_dir / 'metrics.jsonl'}: not one JSON object per line ({err})") from err
+    train = {r["step"]: r for r in records if isinstance(r, dict) and "loss" in r and "step" in r}
+    evals = {r["step"]: r for r in records if isinstance(r, dict) and "eval_loss" in r and "step" in r}
+    if not train and not evals:
+        raise UsageError(f"{run_dir / 'metrics.jsonl'} has no train ('loss') or eval ('eval_loss') records")
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def plot_loss_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Train (and eval) loss against step and against tokens seen, and the learning rate."""
+    train, evals = load_run_metrics(run_dir)
+    plt = pyplot()
+    fig, (ax_step, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in train]
+    if train:
+        ax_step.plot(steps, [r["loss"] for r in train], lw=1, label="train")
+    if evals:
+        ax_step.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    ax_step.set(xlabel="optimiser step", ylabel="loss (nats/token)", title="loss")
+    ax_step.legend()
+
+    with_tokens = [r for r in train if "tokens" in r]
+    if with_tokens:
+        ax_tok.plot([r["tokens"] for r in with_tokens], [r["loss"] for r in with_tokens], lw=1)
+    ax_tok.set(xlabel="tokens seen", ylabel="train loss", title="train loss vs tokens")
+
+    with_lr = [r for r in train if "lr" in r]
+    if with_lr:
+        ax_lr.plot([r["step"] for r in with_lr], [r["lr"] for r in with_lr], lw=1)
+    ax_lr.set(xlabel="optimiser step", ylabel="learning rate", title="learning rate")
+    fig.suptitle(Path(run_dir).resolve().name)
+    return save_figure(fig, out)
+
+
+# ================================================================================ accuracy report
+
+
+def plot_accuracy(report: dict, out: str | os.PathLike) -> Path:
+    """Three panels from a ``qlora.accuracy`` report: error histograms and per-layer relative error
+    on the model's weights (double quant, detail block size), and relative error vs block size."""
+    plt = pyplot()
+    model, bs = report["model"], report["settings"]["detail_blocksize"]
+    details = report["errors"][model]["details"]
+    fig, (ax_hist, ax_layer, ax_bs) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for quant_type, d in details.items():
+        h = d["histogram"]
+        centres = [(a + b) / 2 for a, b in zip(h["edges"][:-1], h["edges"][1:])]
+        ax_hist.step(centres, [max(c, 0.5) for c in h["counts"]], where="mid", label=quant_type)
+        ax_layer.plot([100 * t["rel_l2_error"] for t in d["per_tensor"]], lw=1, label=quant_type)
+    ax_hist.set(yscale="log", xlabel="W - Q(W)", ylabel="weights",
+                title=f"{model}: 4-bit error, block {bs} + double quant")
+    ax_hist.legend()
+    ax_layer.set(xlabel="linear weight (layer order)", ylabel="||W-Q(W)|| / ||W|| (%)",
+                 title=f"per-tensor relative error, block {bs} + double quant")
+    ax_layer.legend()
+
+    styles = ["-", "--", ":", "-."]
+    for i, (set_name, table) in enumerate(report["errors"].items()):
+        for quant_type in sorted({r["quant_type"] for r in table["rows"]}):
+            rows = sorted((r for r in table["rows"] if r["quant_type"] == quant_type and r["double_quant"]),
+                          key=lambda r: r["blocksize"])
+            ax_bs.plot([r["blocksize"] for r in rows], [100 * r["rel_l2_error"] for r in rows],
+                       styles[i % len(styles)], marker="o", ms=3, label=f"{set_name} {quant_type}")
+    ax_bs.set(xscale="log", xlabel="block size", ylabel="relative L2 error (%)",
+              title="error vs block size (double quant)")
+    ax_bs.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and math.log2(v) % 1 == 0 else ""))
+    ax_bs.legend(fontsize=7)
+    return save_figure(fig, out)
