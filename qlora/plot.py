@@ -10,7 +10,6 @@ JSON and explain why the PNG is absent. Figures are rendered to memory and writt
 from __future__ import annotations
 
 import io
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -119,11 +118,11 @@ def plot_accuracy(report: dict, out: str | os.PathLike) -> Path:
     model, bs = report["model"], report["settings"]["detail_blocksize"]
     details = report["errors"][model]["details"]
     fig, (ax_hist, ax_layer, ax_bs) = plt.subplots(1, 3, figsize=(17, 4.5))
-    for quant_type, d in details.items():
+    for i, (quant_type, d) in enumerate(details.items()):
         h = d["histogram"]
         centres = [(a + b) / 2 for a, b in zip(h["edges"][:-1], h["edges"][1:])]
-        ax_hist.step(centres, [max(c, 0.5) for c in h["counts"]], where="mid", label=quant_type)
-        ax_layer.plot([100 * t["rel_l2_error"] for t in d["per_tensor"]], lw=1, label=quant_type)
+        ax_hist.step(centres, [max(c, 0.5) for c in h["counts"]], where="mid", color=f"C{i}", label=quant_type)
+        ax_layer.plot([100 * t["rel_l2_error"] for t in d["per_tensor"]], lw=1, color=f"C{i}", label=quant_type)
     ax_hist.set(yscale="log", xlabel="W - Q(W)", ylabel="weights",
                 title=f"{model}: 4-bit error, block {bs} + double quant")
     ax_hist.legend()
@@ -131,15 +130,18 @@ def plot_accuracy(report: dict, out: str | os.PathLike) -> Path:
                  title=f"per-tensor relative error, block {bs} + double quant")
     ax_layer.legend()
 
-    styles = ["-", "--", ":", "-."]
+    styles, colours = ["-", "--", ":", "-."], {qt: f"C{i}" for i, qt in enumerate(details)}
     for i, (set_name, table) in enumerate(report["errors"].items()):
-        for quant_type in sorted({r["quant_type"] for r in table["rows"]}):
+        for quant_type in dict.fromkeys(r["quant_type"] for r in table["rows"]):
             rows = sorted((r for r in table["rows"] if r["quant_type"] == quant_type and r["double_quant"]),
                           key=lambda r: r["blocksize"])
-            ax_bs.plot([r["blocksize"] for r in rows], [100 * r["rel_l2_error"] for r in rows],
-                       styles[i % len(styles)], marker="o", ms=3, label=f"{set_name} {quant_type}")
+            colour = colours.setdefault(quant_type, f"C{len(colours)}")
+            ax_bs.plot([r["blocksize"] for r in rows], [100 * r["rel_l2_error"] for r in rows], styles[i % 4],
+                       color=colour, marker="o", ms=3, label=f"{set_name} {quant_type}")
+    blocksizes = report["settings"]["blocksizes"]
     ax_bs.set(xscale="log", xlabel="block size", ylabel="relative L2 error (%)",
               title="error vs block size (double quant)")
-    ax_bs.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and math.log2(v) % 1 == 0 else ""))
+    ax_bs.set_xticks(blocksizes, [str(b) for b in blocksizes])
+    ax_bs.minorticks_off()
     ax_bs.legend(fontsize=7)
     return save_figure(fig, out)

@@ -397,3 +397,40 @@ def test_cli_bad_numbers_exit_2_naming_option(option, value, capsys):
         main(["memory", "llama-7b", option, value])
     assert exc.value.code == 2
     assert option in capsys.readouterr().err
+
+
+def test_settings_from_recipe_maps_the_trainer_settings():
+    from pathlib import Path
+
+    from qlora.config import load_recipe
+    from qlora.memory.plan import settings_from_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_chat_cpu.yaml"
+    s = settings_from_recipe(load_recipe(recipe), device="cpu")
+    assert (s.lora_r, s.lora_targets, s.lora_dropout, s.seq_len, s.micro_batch) == (16, LINEAR_NAMES, 0.05, 256, 8)
+    assert (s.grad_checkpointing, s.optimizer, s.loss, s.loss_chunk, s.device) == (False, "paged_adamw_8bit",
+                                                                                 "chunked", 1024, "cpu")
+    names = settings_from_recipe(load_recipe(recipe, ["lora.targets=[self_attn.q_proj, v_proj]"]))
+    assert names.lora_targets == ("q_proj", "v_proj")
+    regex = settings_from_recipe(load_recipe(recipe, [r"lora.targets=re:.*mlp\..*"]))
+    assert regex.lora_targets == ("gate_proj", "up_proj", "down_proj")
+    assert settings_from_recipe(load_recipe(recipe, ["train.loss_chunk_size=0"])).loss == "full"
+    with pytest.raises(UsageError, match="quant.enabled"):
+        settings_from_recipe(load_recipe(recipe, ["quant.enabled=false"]))
+    with pytest.raises(UsageError, match="lm_head"):
+        settings_from_recipe(load_recipe(recipe, ["lora.targets=[lm_head]"]))
+
+
+def test_chunked_loss_counts_target_tokens_only():
+    """qlora.loss.CausalLMLoss: 12 bytes per chunk token per vocabulary entry at its backward peak
+    (fp32 log-softmax output, its gradient, the upcast's gradient) plus the kept hidden states."""
+    from qlora.memory.plan import logits_loss_bytes
+
+    shape = shape_from_config(TINY)
+    s = PlanSettings(seq_len=65, micro_batch=2, loss="chunked", loss_chunk=100)
+    targets = 2 * 64
+    assert logits_loss_bytes(shape, s) == 12 * 100 * 512 + targets * (2 * 64 + 8)
+    fewer = dataclasses.replace(s, target_tokens=30)
+    assert logits_loss_bytes(shape, fewer) == 12 * 30 * 512 + 30 * (2 * 64 + 8)
+    with pytest.raises(UsageError, match="target_tokens"):
+        dataclasses.replace(s, target_tokens=10_000)

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adapter", help="PEFT adapter folder to apply")
     p.add_argument("--base", action="store_true", help="evaluate the base model without any adapter")
     p.add_argument("--split", choices=("eval", "train"), default="eval", help="which split (default: eval)")
-    p.add_argument("--max-batches", type=int, default=None, metavar="N", help="stop after N batches")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N", help="evaluate at most N micro-batches (default: the recipe's train.eval_steps)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run)
 
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     loader = eval_loader if args.split == "eval" else train_loader
     if loader is None:
         raise UsageError("the recipe holds out no eval rows (data.eval_size / eval_fraction); use --split train")
-    result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, args.max_batches)
+    max_batches = args.max_batches if args.max_batches is not None else cfg.train.eval_steps
+    result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, max_batches)
     result.update(model=cfg.model.name_or_path, adapter=str(target.adapter) if target.adapter else None,
                   split=args.split, dataset=cfg.data.dataset)
     print(f"{cfg.model.name_or_path}{' + ' + str(target.adapter) if target.adapter else ''} on "

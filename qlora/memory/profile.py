@@ -40,7 +40,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch

@@ -34,7 +34,8 @@ def _native():
     return native if native.available() else None
 
 
-def _check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
+def _check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype,
+                         check_finite: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -49,7 +50,7 @@ def _check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant
         raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage}")
     # A sum is finite when every element is (cheap); only a non-finite sum (maybe an overflow of
     # large finite values) pays for the exact element check.
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"x contains {bad} NaN/Inf value(s); 4-bit quantisation needs finite values")
 
@@ -61,13 +62,13 @@ def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     Returns `packed`, shape ((n+1)//2 bytes viewed as `quant_storage`, 1), and the `QuantState`
     (fp32 absmax per block, or their 8-bit codes + nested scales with `double_quant`).
     """
-    _check_quantize_args(x, quant_type, blocksize, quant_storage)
+    native = _native() if x.device.type == "cpu" else None
+    _check_quantize_args(x, quant_type, blocksize, quant_storage, check_finite=native is None)  # native checks itself
     n = x.numel()
     n_bytes = (n + 1) // 2
     if n_bytes % torch.empty((), dtype=quant_storage).element_size():
         raise ValueError(f"{n_bytes} packed bytes cannot be viewed as {quant_storage}; "
                          f"use quant_storage=torch.uint8 for tensors with {n} elements")
-    native = _native() if x.device.type == "cpu" else None
     if native is not None:
         bounds, order = sorted_bounds(quant_type)
         packed = torch.empty(n_bytes, dtype=torch.uint8)
@@ -91,6 +92,10 @@ def block_scales(state: QuantState) -> torch.Tensor:
     if state.state2 is None:
         return state.absmax.float()
     s = state.state2
+    native = _native() if state.absmax.device.type == "cpu" else None
+    if native is not None:
+        out = torch.empty(state.absmax.numel(), dtype=torch.float32)
+        return native.dequantize_8bit(state.absmax, s.code.float(), s.absmax, s.blocksize, float(s.offset), out)
     return reference.double_dequantize(state.absmax, s.absmax, s.code, s.offset, s.blocksize)
 
 
@@ -141,7 +146,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {n_in}")
     rows = x.numel() // n_in
     native = _native() if x.device.type == "cpu" else None
-    if native is not None and rows <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+    if native is not None and rows <= GEMV_MAX_ROWS and x.dtype in FLOAT_DTYPES:
         x2 = x.reshape(rows, n_in).contiguous()
         y = torch.empty(rows, n_out, dtype=x.dtype)
         native.gemv_4bit(x2, _packed_bytes(packed, state), block_scales(state), state.code.float(),
