@@ -17,7 +17,7 @@ because the embedded SmolLM2 comes from a Q4_1 GGUF file: its weights already si
 (per 32 weights), which is not what a fresh bf16 checkpoint looks like; MiniLM's are real fp32.
 
 Beside ours, for nf4/fp4, bitsandbytes' figures on the same tensors (only when it is installed;
-it has no int4). Its quantiser must give the same 4-bit codes and the same dequantised values: the
+it has no int4), at the block sizes ``Settings.bnb_blocksizes`` (its CPU quantiser is slow). Its quantiser must give the same 4-bit codes and the same dequantised values: the
 report carries ``codes_equal`` and ``max_abs_diff``. bitsandbytes 0.50.2's CPU dequantise has been
 seen to go wrong when the last dimension is not a multiple of the block size (we did not reproduce
 it on the shapes here; avoiding it is cheap), so every tensor is handed to it flattened, zero-padded
@@ -82,6 +82,8 @@ class Settings:
     """What to measure. ``quick()`` is a fast subset for smoke runs."""
 
     blocksizes: tuple[int, ...] = (32, 64, 128, 256, 1024, 4096)
+    # bitsandbytes' CPU quantiser is pure PyTorch (~10x slower than ours): compared at these sizes only.
+    bnb_blocksizes: tuple[int, ...] = (64, 4096)
     gaussian_shape: tuple[int, int] = (2048, 4096)
     max_tensors: int | None = None  # per real weight set; None = all linear weights
     ppl_tokens: int = 4096
@@ -186,6 +188,7 @@ def error_table(weights: WeightSet, settings: Settings, use_bnb: bool,
         ours, peer, bit_sum, max_diff, codes_equal = ErrorStats(), ErrorStats(), 0.0, 0.0, True
         detail = fmt.double_quant and fmt.blocksize == settings.detail_blocksize
         per_tensor, counts = [], torch.zeros(settings.histogram_bins, dtype=torch.float64)
+        compare = use_bnb and fmt.quant_type in BNB_TYPES and fmt.blocksize in settings.bnb_blocksizes
         for name, w in weights.items():
             q, codes, bits = roundtrip(w, fmt)
             stats = ErrorStats.of(w, q)
@@ -194,14 +197,14 @@ def error_table(weights: WeightSet, settings: Settings, use_bnb: bool,
                 per_tensor.append({"name": name, "rel_l2_error": stats.summary()["rel_l2_error"]})
                 e = (q.float() - w.float()).reshape(-1).clamp(-limit, limit)
                 counts += torch.histc(e, settings.histogram_bins, -limit, limit).double()
-            if use_bnb and fmt.quant_type in BNB_TYPES:
+            if compare:
                 q_bnb, codes_bnb = bnb_roundtrip(w, fmt)
                 peer = peer + ErrorStats.of(w, q_bnb)
                 max_diff = max(max_diff, (q_bnb.float() - q.reshape(-1).float()).abs().max().item())
                 codes_equal = codes_equal and torch.equal(codes, codes_bnb)
         row = {"quant_type": fmt.quant_type, "blocksize": fmt.blocksize, "double_quant": fmt.double_quant,
                "bits_per_param": bit_sum / ours.n, **ours.summary(), "bnb": None}
-        if use_bnb and fmt.quant_type in BNB_TYPES:
+        if compare:
             row["bnb"] = {**peer.summary(), "max_abs_diff": max_diff, "codes_equal": codes_equal}
         rows.append(row)
         if detail:
