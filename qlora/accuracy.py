@@ -17,7 +17,7 @@ because the embedded SmolLM2 comes from a Q4_1 GGUF file: its weights already si
 (per 32 weights), which is not what a fresh bf16 checkpoint looks like; MiniLM's are real fp32.
 
 Beside ours, for nf4/fp4, bitsandbytes' figures on the same tensors (only when it is installed;
-it has no int4), at the block sizes ``Settings.bnb_blocksizes`` (its CPU quantiser is slow). Its quantiser must give the same 4-bit codes and the same dequantised values: the
+it has no int4). Its quantiser must give the same 4-bit codes and the same dequantised values: the
 report carries ``codes_equal`` and ``max_abs_diff``. bitsandbytes 0.50.2's CPU dequantise has been
 seen to go wrong when the last dimension is not a multiple of the block size (we did not reproduce
 it on the shapes here; avoiding it is cheap), so every tensor is handed to it flattened, zero-padded
@@ -82,8 +82,6 @@ class Settings:
     """What to measure. ``quick()`` is a fast subset for smoke runs."""
 
     blocksizes: tuple[int, ...] = (32, 64, 128, 256, 1024, 4096)
-    # bitsandbytes' CPU quantiser is pure PyTorch (~10x slower than ours): compared at these sizes only.
-    bnb_blocksizes: tuple[int, ...] = (64, 4096)
     gaussian_shape: tuple[int, int] = (2048, 4096)
     max_tensors: int | None = None  # per real weight set; None = all linear weights
     ppl_tokens: int = 4096
@@ -179,39 +177,49 @@ def error_table(weights: WeightSet, settings: Settings, use_bnb: bool,
     """One row per format x block size x double quant; plus per-tensor errors at the detail block size.
 
     Returns (rows, details) where details[quant_type] = {"per_tensor": [{name, rel_l2_error}],
-    "histogram": {...}} for the double-quantised format at ``settings.detail_blocksize``.
+    "histogram": {edges, counts}} for the double-quantised format at ``settings.detail_blocksize``.
     """
     formats = [Format(qt, bs, dq) for qt in QUANT_TYPES for bs in settings.blocksizes for dq in (False, True)]
     limit = 0.17 * max(w.abs().max().item() for w in weights.values())  # > FP4's widest half-gap (1/6)
     rows, details = [], {}
     for fmt in progress(formats):
-        ours, peer, bit_sum, max_diff, codes_equal = ErrorStats(), ErrorStats(), 0.0, 0.0, True
         detail = fmt.double_quant and fmt.blocksize == settings.detail_blocksize
-        per_tensor, counts = [], torch.zeros(settings.histogram_bins, dtype=torch.float64)
-        compare = use_bnb and fmt.quant_type in BNB_TYPES and fmt.blocksize in settings.bnb_blocksizes
-        for name, w in weights.items():
-            q, codes, bits = roundtrip(w, fmt)
-            stats = ErrorStats.of(w, q)
-            ours, bit_sum = ours + stats, bit_sum + bits * w.numel()
-            if detail:
-                per_tensor.append({"name": name, "rel_l2_error": stats.summary()["rel_l2_error"]})
-                e = (q.float() - w.float()).reshape(-1).clamp(-limit, limit)
-                counts += torch.histc(e, settings.histogram_bins, -limit, limit).double()
-            if compare:
-                q_bnb, codes_bnb = bnb_roundtrip(w, fmt)
-                peer = peer + ErrorStats.of(w, q_bnb)
-                max_diff = max(max_diff, (q_bnb.float() - q.reshape(-1).float()).abs().max().item())
-                codes_equal = codes_equal and torch.equal(codes, codes_bnb)
-        row = {"quant_type": fmt.quant_type, "blocksize": fmt.blocksize, "double_quant": fmt.double_quant,
-               "bits_per_param": bit_sum / ours.n, **ours.summary(), "bnb": None}
-        if compare:
-            row["bnb"] = {**peer.summary(), "max_abs_diff": max_diff, "codes_equal": codes_equal}
+        row, extra = measure_format(weights, fmt, use_bnb and fmt.quant_type in BNB_TYPES,
+                                    (settings.histogram_bins, limit) if detail else None)
         rows.append(row)
-        if detail:
-            edges = torch.linspace(-limit, limit, settings.histogram_bins + 1)
-            details[fmt.quant_type] = {"per_tensor": per_tensor, "histogram": {
-                "edges": edges.tolist(), "counts": counts.long().tolist()}}
+        if extra is not None:
+            details[fmt.quant_type] = extra
     return rows, details
+
+
+def measure_format(weights: WeightSet, fmt: Format, compare_bnb: bool,
+                   histogram: tuple[int, float] | None = None) -> tuple[dict, dict | None]:
+    """The pooled error row of one format (with bitsandbytes' beside it when ``compare_bnb``) and,
+    when ``histogram = (bins, limit)`` is given, per-tensor errors and an error histogram on
+    [-limit, limit] (values beyond it counted in the end bins)."""
+    ours, peer, bit_sum, max_diff, codes_equal = ErrorStats(), ErrorStats(), 0.0, 0.0, True
+    per_tensor, counts = [], torch.zeros(histogram[0] if histogram else 0, dtype=torch.float64)
+    for name, w in weights.items():
+        q, codes, bits = roundtrip(w, fmt)
+        stats = ErrorStats.of(w, q)
+        ours, bit_sum = ours + stats, bit_sum + bits * w.numel()
+        if histogram:
+            bins, limit = histogram
+            per_tensor.append({"name": name, "rel_l2_error": stats.summary()["rel_l2_error"]})
+            counts += torch.histc((q.float() - w.float()).clamp(-limit, limit), bins, -limit, limit).double()
+        if compare_bnb:
+            q_bnb, codes_bnb = bnb_roundtrip(w, fmt)
+            peer = peer + ErrorStats.of(w, q_bnb)
+            max_diff = max(max_diff, (q_bnb.float() - q.reshape(-1).float()).abs().max().item())
+            codes_equal = codes_equal and torch.equal(codes, codes_bnb)
+    row = {"quant_type": fmt.quant_type, "blocksize": fmt.blocksize, "double_quant": fmt.double_quant,
+           "bits_per_param": bit_sum / ours.n, **ours.summary(), "bnb": None}
+    if compare_bnb:
+        row["bnb"] = {**peer.summary(), "max_abs_diff": max_diff, "codes_equal": codes_equal}
+    if not histogram:
+        return row, None
+    edges = torch.linspace(-histogram[1], histogram[1], histogram[0] + 1)
+    return row, {"per_tensor": per_tensor, "histogram": {"edges": edges.tolist(), "counts": counts.long().tolist()}}
 
 
 # ================================================================================ weight sets

@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,14 +467,8 @@ def recipe_to_dict(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
 
 def save_recipe(cfg: RecipeConfig, path: str | os.PathLike) -> None:
     """Write the resolved recipe as YAML atomically (temp file in the same folder, then rename)."""
+    from qlora.io import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))

@@ -13,10 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from qlora.config import RecipeConfig, apply_override, load_recipe, recipe_from_dict
 from qlora.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+
+def add_target_arguments(p) -> None:
+    """The TARGET, overrides, --adapter and --base arguments shared by `eval` and `generate`."""
+    p.add_argument("target", help="run folder, recipe .yaml, or model name / folder")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. quant.enabled=false")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply")
+    p.add_argument("--base", action="store_true", help="use the base model without any adapter")
 
 
 @dataclass

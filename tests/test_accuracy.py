@@ -88,7 +88,7 @@ def test_ours_agree_with_bitsandbytes_bit_for_bit():
     g = torch.Generator().manual_seed(1)
     weights = {"square": torch.randn(64, 128, generator=g),
                "odd": torch.randn(7, 33, generator=g).to(torch.bfloat16)}  # last dim not a block multiple, odd n
-    rows, _ = A.error_table(weights, A.Settings(blocksizes=(64,), bnb_blocksizes=(64,)), use_bnb=True)
+    rows, _ = A.error_table(weights, A.Settings(blocksizes=(64,)), use_bnb=True)
     for row in rows:
         if row["quant_type"] == "int4":
             assert row["bnb"] is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qlora.inference import add_target_arguments
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -11,10 +13,7 @@ def add_parser(subparsers) -> None:
         description="Evaluate TARGET (a run folder, a recipe file, or a model name/folder) on the recipe's "
                     "held-out split (--split eval) or its training split. A run folder's adapter is used "
                     "unless --base.")
-    p.add_argument("target", help="run folder, recipe .yaml, or model name / folder")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. data.dataset=FILE")
-    p.add_argument("--adapter", help="PEFT adapter folder to apply")
-    p.add_argument("--base", action="store_true", help="evaluate the base model without any adapter")
+    add_target_arguments(p)
     p.add_argument("--split", choices=("eval", "train"), default="eval", help="which split (default: eval)")
     p.add_argument("--max-batches", type=int, default=None, metavar="N", help="evaluate at most N micro-batches (default: the recipe's train.eval_steps)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")

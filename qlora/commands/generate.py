@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from qlora.inference import add_target_arguments
 import sys
 
 
@@ -12,10 +14,7 @@ def add_parser(subparsers) -> None:
         description="Generate with TARGET (a run folder, a recipe file, or a model name/folder; a run "
                     "folder's adapter is used unless --base). Without --prompt, chat on standard input "
                     "(an empty line or EOF ends; /reset clears the history).")
-    p.add_argument("target", help="run folder, recipe .yaml, or model name / folder")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. quant.enabled=false")
-    p.add_argument("--adapter", help="PEFT adapter folder to apply")
-    p.add_argument("--base", action="store_true", help="use the base model without any adapter")
+    add_target_arguments(p)
     p.add_argument("--prompt", help="one prompt to answer (otherwise interactive chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
