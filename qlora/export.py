@@ -226,7 +226,7 @@ def quantize_folder(
 
 def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Fold every adapter into its base and dequantise every 4-bit layer, in place: a plain model."""
-    from qlora.model import swap_modules
+    from qlora.surgery import swap_modules
     from qlora.nn import Linear4bit, LoRALinear
 
     swap_modules(model, lambda m, _: isinstance(m, LoRALinear), lambda m: m.merged_linear(dtype))

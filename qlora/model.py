@@ -21,7 +21,7 @@ with an extra ``model.`` prefix), GPT-2's ``Conv1D`` (weight stored (in, out): c
 without re-quantising. Only safetensors are read; pickle checkpoints are refused.
 
 The module filters used for quantisation and for LoRA are ``(module, fqn) -> bool`` functions, applied
-by one post-order swap (``swap_modules``).
+by one post-order swap (``qlora.surgery.swap_modules``).
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ from torch import nn
 
 from qlora.embedded import EMBEDDED_MODELS, resolve_model
 from qlora.errors import UsageError
-from qlora.nn import Linear4bit, LoRALinear
+from qlora.nn import Linear4bit
 from qlora.quant import QuantState, quantize_4bit
+from qlora.surgery import swap_modules
 
-ModuleFilter = Callable[[nn.Module, str], bool]
-LINEAR_LIKE = (nn.Linear, Linear4bit)
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -163,25 +162,6 @@ def _conv1d_to_linear(model: nn.Module) -> None:
         return nn.Linear(n_in, n_out, bias=conv.bias is not None, device="meta", dtype=conv.weight.dtype)
 
     model.qlora_conv1d = swap_modules(model, lambda m, _: isinstance(m, Conv1D), build)
-
-
-def swap_modules(model: nn.Module, keep: ModuleFilter, build: Callable[[nn.Module], nn.Module]) -> list[str]:
-    """Replace, children first, every module with ``keep(module, fqn)`` by ``build(module)``.
-
-    New modules are not visited again. Returns the replaced fully qualified names, in model order.
-    """
-    swapped: list[str] = []
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
-            fqn = f"{prefix}{name}"
-            visit(child, fqn + ".")
-            if keep(child, fqn):
-                setattr(parent, name, build(child))
-                swapped.append(fqn)
-
-    visit(model, "")
-    return swapped
 
 
 def tied_output_name(model: nn.Module) -> str | None:
@@ -409,103 +389,3 @@ def _finish(model: nn.Module, device: torch.device) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise UsageError(f"after loading, {len(left)} tensor(s) have no value (still on meta): {left[:8]}")
-
-
-# ================================================================================ LoRA
-
-
-def lora_filter(model: nn.Module, targets: str | Sequence[str]) -> ModuleFilter:
-    """The ``(module, fqn) -> bool`` filter for LoRA targets, as PEFT reads ``target_modules``.
-
-    ``"all-linear"``: every nn.Linear / Linear4bit except the output projection (lm_head);
-    ``"re:<regex>"``: linear-like modules whose full name matches the regex (``re.fullmatch``);
-    a list of names: linear-like modules whose name equals an entry or ends with ``"." + entry``.
-    Each named entry (and the regex) must match at least one module.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = {fqn: m for fqn, m in model.named_modules() if isinstance(m, LINEAR_LIKE) and ".lora_" not in f".{fqn}"}
-    if targets == "all-linear":
-        return lambda m, fqn: fqn in linear and m is not head
-    if isinstance(targets, str) and targets.startswith("re:"):
-        pattern = re.compile(targets[3:])
-        tests = {targets: lambda fqn: pattern.fullmatch(fqn) is not None}
-    elif isinstance(targets, str):
-        raise UsageError(f"lora targets={targets!r}; expected 'all-linear', 're:<regex>' or a list of module names")
-    else:
-        tests = {t: (lambda fqn, t=t: fqn == t or fqn.endswith("." + t)) for t in targets}
-    for target, test in tests.items():
-        if not any(test(fqn) for fqn in linear):
-            leaves = sorted({fqn.rpartition(".")[2] for fqn in linear})
-            raise UsageError(f"lora target {target!r} matches no linear module; available names: {leaves}")
-    return lambda m, fqn: fqn in linear and any(test(fqn) for test in tests.values())
-
-
-def apply_lora(
-    model: nn.Module,
-    r: int,
-    alpha: float,
-    dropout: float = 0.0,
-    targets: str | Sequence[str] = "all-linear",
-    use_rslora: bool = False,
-    dtype: torch.dtype = torch.bfloat16,
-) -> list[str]:
-    """Wrap the target linear modules in ``LoRALinear`` and freeze everything but the adapters.
-
-    Returns the wrapped modules' full names. See ``lora_filter`` for ``targets``.
-    """
-    keep = lora_filter(model, targets)
-    wrapped = swap_modules(model, keep, lambda m: LoRALinear(m, r, alpha, dropout, use_rslora, dtype))
-    for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    return wrapped
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; a 4-bit weight counts as its logical out*in elements."""
-    trainable = total = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:  # tied weights count once
-                continue
-            seen.add(id(param))
-            n = module.in_features * module.out_features if isinstance(module, Linear4bit) and name == "weight" else param.numel()
-            total += n
-            trainable += n if param.requires_grad else 0
-    return trainable, total
-
-
-def trainable_summary(model: nn.Module) -> str:
-    """``trainable params: X || all params: Y || trainable%: Z``, PEFT's wording.
-
-    4-bit weights count as their logical number of weights (out x in), as PEFT counts bitsandbytes
-    ``Params4bit``, not as the packed bytes; tied weights count once.
-    """
-    trainable, total = count_params(model)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
-
-
-def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True, upcast_norms: bool = False) -> nn.Module:
-    """Get a loaded (and LoRA-wrapped) model ready to train.
-
-    Gradient checkpointing uses the non-reentrant variant, which propagates gradients to the
-    adapters even though the embedding output does not require grad, so ``enable_input_require_grads``
-    (needed by the reentrant variant that PEFT falls back to) is not needed. The KV cache is turned off.
-
-    Norms stay in the compute dtype by default. PEFT's ``prepare_model_for_kbit_training`` upcasts
-    norms, embeddings and lm_head to fp32: a little more stable in fp16, but it costs memory, casts
-    on every layer and fp32 logits. ``upcast_norms=True`` keeps the cheap part of that trade (norm
-    weights in fp32; the norms then compute and return fp32, which the next linear casts back).
-    """
-    if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False
-    if upcast_norms:
-        for module in model.modules():
-            if type(module).__name__.lower().endswith("norm") or isinstance(module, nn.LayerNorm):
-                module.float()
-    return model

@@ -38,7 +38,8 @@ from qlora.errors import UsageError
 from qlora.generate import before_after, first_user_turn
 from qlora.loss import CausalLMLoss
 from qlora.metrics import MetricsLogger
-from qlora.model import apply_lora, load_model, load_tokenizer, prepare_for_training, trainable_summary
+from qlora.model import load_model, load_tokenizer
+from qlora.surgery import apply_lora, prepare_for_training, trainable_summary
 from qlora.optim import build_optimizer, build_scheduler, clip_gradients
 
 log = logging.getLogger("qlora")

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from qlora.adapter import load_adapter, save_adapter
 from qlora.errors import UsageError
-from qlora.model import apply_lora, load_model
+from qlora.model import load_model
+from qlora.surgery import apply_lora
 from tiny_models import randomise_lora_b, save_tiny, tokens
 
 peft = pytest.importorskip("peft")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qlora.embedded import resolve_model
-from qlora.model import load_model, load_tokenizer, trainable_summary
+from qlora.model import load_model, load_tokenizer
+from qlora.surgery import trainable_summary
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from qlora.adapter import save_adapter
 from qlora.cli import main
-from qlora.model import apply_lora, load_model
+from qlora.model import load_model
+from qlora.surgery import apply_lora
 from qlora.nn import Linear4bit
 from tiny_models import randomise_lora_b, save_tiny, tokens
 

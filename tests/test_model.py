@@ -11,7 +11,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qlora.errors import UsageError
-from qlora.model import apply_lora, load_model, prepare_for_training, trainable_summary
+from qlora.model import load_model
+from qlora.surgery import apply_lora, prepare_for_training, trainable_summary
 from qlora.nn import Linear4bit, LoRALinear
 from tiny_models import save_tiny, tokens
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 
-from qlora.errors import UsageError
 from qlora.io import write_json_atomic
 from qlora.memory import BUILTIN_MODELS, GIB, LINEAR_NAMES, MemoryPlan, PlanSettings, plan_memory, resolve_model
 from qlora.memory.plan import ATTENTION, BLOCKSIZES, DEVICES, DTYPE_BYTES, LOSSES, OPTIMIZERS, QUANT_TYPES
