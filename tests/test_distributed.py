@@ -45,3 +45,19 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert _losses(double) == pytest.approx(_losses(single), rel=1e-4)
     single_eval = json.loads((single / "summary.json").read_text())["eval_after"]["eval_loss"]
     assert summary["eval_after"]["eval_loss"] == pytest.approx(single_eval, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_gpu_runs_two_processes_on_cpu(tmp_path):
+    """`accelerate launch --multi_gpu` works on CPU with gloo (`--cpu` would start ONE process)."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "accel"
+    env = {**_env(tmp_path / "home"), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                             "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", "29519", "-m", "qlora.cli", "train", TINY,
+                             f"output.dir={out}", *COMMON],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks_agree"] is True
