@@ -19,7 +19,7 @@ from qlora.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quant_accuracy.py", description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(prog="quant_accuracy.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
