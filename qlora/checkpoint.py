@@ -1,10 +1,11 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint is a folder `checkpoints/step-000050/` in the run folder holding
-- `adapter/`: the LoRA weights as a PEFT adapter (safetensors),
-- `trainer_state.pt`: optimiser, scheduler, RNG and data-sampler states and counters.
+- `adapter/`: the LoRA weights as a PEFT adapter (safetensors), written by rank 0,
+- `trainer_state.rank<R>.pt`, one per process: optimiser (FSDP: this process's shards), scheduler,
+  RNG and data-sampler states and counters. A run resumes with the number of processes it had.
 
-`trainer_state.pt` is written with `torch.save` and read with `torch.load(weights_only=True)`,
+The state files are written with `torch.save` and read with `torch.load(weights_only=True)`,
 which only rebuilds tensors and plain containers (no arbitrary unpickling), so a tampered file
 cannot run code. Each checkpoint is built in a temporary folder and renamed into place, so a run
 killed mid-save leaves the previous checkpoint intact and never a half-written one.
@@ -13,6 +14,7 @@ killed mid-save leaves the previous checkpoint intact and never a half-written o
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from qlora.adapter import WEIGHTS_FILE, load_lora_weights, save_adapter
 from qlora.errors import UsageError
 from qlora.export import atomic_folder
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.rank{rank}.pt"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
@@ -34,23 +36,51 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     folder = run_dir / "checkpoints"
     found = [(int(m.group(1)), p) for p in folder.glob("step-*")
-             if (m := _STEP_DIR.search(p.name)) and (p / STATE_FILE).is_file()] if folder.is_dir() else []
+             if (m := _STEP_DIR.search(p.name)) and (p / STATE_FILE.format(rank=0)).is_file()] if folder.is_dir() else []
     return max(found)[1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, adapter_kwargs: dict, trainer_state: dict,
-                    keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, adapter_kwargs: dict, rank_state: dict,
+                    rt, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically (every process calls this) and keep the newest `keep`.
+
+    Rank 0 builds the folder under a temporary name and tells the others where it is; each process
+    writes its own state file; rank 0 adds the adapter and renames the folder into place.
+    """
     final = checkpoint_dir(run_dir, step)
+    if not rt.is_main:
+        tmp = Path(_exchange_path(None, rt))
+        torch.save(rank_state, tmp / STATE_FILE.format(rank=rt.rank))
+        _barrier(rt)  # states written
+        _barrier(rt)  # folder renamed
+        return final
     with atomic_folder(final, replace=True) as tmp:
+        _exchange_path(str(tmp), rt)
+        torch.save(rank_state, tmp / STATE_FILE.format(rank=0))
+        _barrier(rt)
         save_adapter(model, tmp / "adapter", **adapter_kwargs)
-        torch.save(trainer_state, tmp / STATE_FILE)
     older = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p != final)
     for stale in older[: max(0, len(older) - (keep - 1))]:
-        import shutil
-
         shutil.rmtree(stale, ignore_errors=True)
+    _barrier(rt)
     return final
+
+
+def _exchange_path(path: str | None, rt) -> str | None:
+    if not rt.distributed:
+        return path
+    import torch.distributed as dist
+
+    box = [path]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(rt) -> None:
+    if rt.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -66,16 +96,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
         param = params[int(index)]
         for key, value in values.items():
             if isinstance(value, torch.Tensor) and key != "step":
-                optimizer.state[param][key] = value.to(param.device)
+                value = value.to(param.device)
+                if hasattr(param, "device_mesh"):  # FSDP: the file holds this process's shard
+                    from torch.distributed.tensor import DTensor
+
+                    value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False)
+                optimizer.state[param][key] = value
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> dict:
-    """Load the adapter weights of checkpoint `path` into `model` (already LoRA-wrapped); return its state."""
+def load_checkpoint(path: Path, model: nn.Module, rank: int = 0, world_size: int = 1) -> dict:
+    """Load checkpoint `path`'s adapter weights into `model` (LoRA-wrapped, not yet sharded); return this rank's state."""
     from safetensors.torch import load_file
 
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise UsageError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    written = len(list(path.glob(STATE_FILE.format(rank="*"))))
+    if written != world_size:
+        raise UsageError(f"checkpoint {path} was written by {written} process(es); resume it with "
+                         f"{written}, not {world_size}")
     weights = path / "adapter" / WEIGHTS_FILE
     load_lora_weights(model, load_file(weights), weights)
-    return torch.load(state_file, weights_only=True)
+    return torch.load(path / STATE_FILE.format(rank=rank), weights_only=True)

@@ -369,6 +369,9 @@ class RecipeConfig:
         if self.train.distributed == "fsdp" and self.quant.enabled and self.quant.quant_storage != "bf16":
             raise UsageError(f"quant.quant_storage: {self.quant.quant_storage!r} is not allowed with "
                              "train.distributed 'fsdp'; expected 'bf16' (FSDP shards parameters of one dtype)")
+        if self.train.distributed == "fsdp" and self.optim.name != "adamw":
+            raise UsageError(f"optim.name: {self.optim.name!r} is not allowed with train.distributed 'fsdp'; "
+                             "expected 'adamw' (bitsandbytes optimisers cannot update FSDP's sharded DTensors)")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -126,4 +126,5 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_grad_norm: float | None
     """
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     limit = max_grad_norm if max_grad_norm else math.inf
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor

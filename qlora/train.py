@@ -41,6 +41,7 @@ from qlora.metrics import MetricsLogger
 from qlora.model import load_model, load_tokenizer
 from qlora.surgery import apply_lora, prepare_for_training, trainable_summary
 from qlora.optim import build_optimizer, build_scheduler, clip_gradients
+from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
 
 log = logging.getLogger("qlora")
 
@@ -152,27 +153,30 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
     say(f"data: {stats.summary()}")
     steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
     total_steps = tc.max_steps or steps_per_epoch * (tc.epochs or 1)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:  # adapter weights go in before FSDP shards them
+        state = load_checkpoint(checkpoint, model, rt.rank, rt.world_size)
     loss_fn: nn.Module = CausalLMLoss(model, tc.loss_chunk_size)
     if rt.distributed:
-        loss_fn = nn.parallel.DistributedDataParallel(loss_fn, broadcast_buffers=False)
+        loss_fn = parallelize(loss_fn, model, tc.distributed)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
     progress = Progress()
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        state = load_checkpoint(ckpt, model)
+    if checkpoint is not None:
         load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        train_loader.batch_sampler.load_state_dict(state["sampler"][rt.rank])
-        runtime.set_rng_state(state["rng"][rt.rank])
+        train_loader.batch_sampler.load_state_dict(state["sampler"])
+        runtime.set_rng_state(state["rng"])
         progress = Progress(**state["progress"])
-        say(f"resumed from {ckpt} at step {progress.step}")
+        say(f"resumed from {checkpoint} at step {progress.step}")
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, run_dir / "recipe.yaml")
     metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main)
-    prompts = _sample_prompts(cfg, samples) if samples and rt.is_main else []
+    # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
+    sharded = rt.distributed and tc.distributed == "fsdp"
+    prompts = _sample_prompts(cfg, samples) if samples and rt.is_main and not sharded else []
 
     summary: dict = {"run_dir": str(run_dir), "total_steps": total_steps}
     if eval_loader is not None and not resume:
@@ -195,9 +199,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
         scale = rt.world_size / max(global_targets, 1.0)
         loss_total = 0.0
         for i, batch in enumerate(window):
-            sync = i == len(window) - 1 or not rt.distributed
-            ctx = contextlib.nullcontext() if sync else loss_fn.no_sync()
-            with ctx:
+            with gradient_sync(loss_fn, sync=i == len(window) - 1):
                 with phase("forward"):
                     loss_sum, _ = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
                 with phase("backward"):
@@ -228,25 +230,29 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
             with phase("eval"):
                 metrics.log({"step": progress.step, **evaluate(loss_fn, eval_loader, rt, tc.eval_steps)})
         if tc.save_every and progress.step % tc.save_every == 0:
-            with phase("save"):
-                _save_checkpoint(cfg, rt, run_dir, model, optimizer, scheduler, train_loader, progress)
+            with phase("save"), full_parameters(loss_fn):
+                state = {"optimizer": to_local(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                         "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
+                         "progress": {"step": progress.step, "tokens": progress.tokens}}
+                save_checkpoint(run_dir, progress.step, model, adapter_kwargs(cfg), state, rt)
     bar.close()
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
     summary["train_time_s"] = elapsed
 
     if rt.distributed:
-        summary["ranks_agree"] = _ranks_agree(model, rt)
+        with full_parameters(loss_fn):
+            summary["ranks_agree"] = _ranks_agree(model, rt)
     if eval_loader is not None:
         with phase("eval"):
             summary["eval_after"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
         metrics.log({"step": progress.step, **summary["eval_after"]})
-    if rt.is_main:
-        with phase("save"):
+    with phase("save"), full_parameters(loss_fn):
+        if rt.is_main:
             save_adapter(model, run_dir / "adapter", **adapter_kwargs(cfg))
-        summary["adapter"] = str(run_dir / "adapter")
-        if prompts:
-            summary["samples"] = before_after(model, tokenizer, prompts)
+            summary["adapter"] = str(run_dir / "adapter")
+    if prompts:
+        summary["samples"] = before_after(model, tokenizer, prompts)
     metrics.close()
     return summary
 
@@ -262,25 +268,3 @@ def _ranks_agree(model: nn.Module, rt: runtime.Runtime) -> bool:
     if diverged:
         raise RuntimeError(f"{int(diverged)} process(es) ended with adapter weights that differ from rank 0's")
     return True
-
-
-def _save_checkpoint(cfg, rt, run_dir, model, optimizer, scheduler, train_loader, progress: Progress) -> None:
-    """Gather per-rank sampler and RNG states, then rank 0 writes the checkpoint."""
-    sampler_states = [train_loader.batch_sampler.state_dict()]
-    rng_states = [runtime.rng_state()]
-    if rt.distributed:
-        import torch.distributed as dist
-
-        gathered: list = [None] * rt.world_size
-        dist.all_gather_object(gathered, (sampler_states[0], rng_states[0]))
-        sampler_states = [g[0] for g in gathered]
-        rng_states = [g[1] for g in gathered]
-    if rt.is_main:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "sampler": sampler_states, "rng": rng_states,
-                 "progress": {"step": progress.step, "tokens": progress.tokens}}
-        save_checkpoint(run_dir, progress.step, model, adapter_kwargs(cfg), state)
-    if rt.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()

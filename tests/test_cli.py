@@ -27,3 +27,16 @@ def test_every_command_has_help(command):
 def test_unknown_command_is_a_usage_error():
     out = subprocess.run([sys.executable, "-m", "qlora.cli", "fly"], capture_output=True, text=True)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_overrides_may_follow_options(tmp_path):
+    """`qlora train RECIPE --overwrite key=value` keeps the override (it reaches validation)."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_smoke.yaml"
+    out = subprocess.run([sys.executable, "-m", "qlora.cli", "train", str(recipe), "--overwrite",
+                          f"output.dir={tmp_path / 'x'}", "lora.rr=1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "lora.rr" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "qlora.cli", "train", str(recipe), "--bogus"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr

@@ -46,10 +46,20 @@ def test_paper_settings_in_gpu_recipes():
         cfg = load_recipe(path)
         assert (cfg.quant.quant_type, cfg.quant.double_quant) == ("nf4", True)
         assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.targets) == (64, 16.0, "all-linear")
-        assert (cfg.optim.name, cfg.optim.max_grad_norm, cfg.optim.scheduler) == ("paged_adamw_8bit", 0.3, "constant")
+        optimizer = "adamw" if cfg.train.distributed == "fsdp" else "paged_adamw_8bit"  # FSDP: DTensors
+        assert (cfg.optim.name, cfg.optim.max_grad_norm, cfg.optim.scheduler) == (optimizer, 0.3, "constant")
         assert cfg.train.gradient_checkpointing and cfg.data.max_length == 512
     fsdp = load_recipe(RECIPES[[p.stem for p in RECIPES].index("llama3_8b_fsdp_2gpu")])
     assert (fsdp.train.distributed, fsdp.quant.quant_storage) == ("fsdp", "bf16")
+
+
+def test_fsdp_needs_bf16_storage_and_torch_adamw(tmp_path: Path):
+    path = write(tmp_path, "train:\n  distributed: fsdp\nquant:\n  quant_storage: bf16\n")
+    with pytest.raises(UsageError, match="optim.name.*adamw"):
+        load_recipe(path)
+    with pytest.raises(UsageError, match="quant_storage"):
+        load_recipe(path, ["quant.quant_storage=uint8", "optim.name=adamw"])
+    assert load_recipe(path, ["optim.name=adamw"]).train.distributed == "fsdp"
 
 
 def write(tmp_path: Path, text: str) -> Path:
