@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 from qlora.errors import UsageError
+from qlora.io import write_bytes_atomic
 from qlora.metrics import read_metrics
 
 INSTALL_HINT = "pip install 'qlora[plot]' (or pip install matplotlib)"
@@ -43,22 +43,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     finally:
         pyplot().close(fig)
-    return _write_bytes_atomic(Path(path), buf.getvalue())
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    # The binary twin of qlora.io.write_text_atomic (belongs there; kept here until it moves).
-    if not path.parent.is_dir():
-        raise UsageError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(Path(path), buf.getvalue())
 
 
 # ================================================================================ loss curves

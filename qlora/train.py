@@ -253,8 +253,20 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
             summary["adapter"] = str(run_dir / "adapter")
     if prompts:
         summary["samples"] = before_after(model, tokenizer, prompts)
+    if rt.is_main:
+        summary["loss_plot"] = _plot(run_dir)
     metrics.close()
     return summary
+
+
+def _plot(run_dir: Path) -> str | None:
+    """Loss curves as run_dir/loss.png when matplotlib is installed (it is optional)."""
+    from qlora.plot import MatplotlibMissing, plot_loss_curves
+
+    try:
+        return str(plot_loss_curves(run_dir, run_dir / "loss.png"))
+    except MatplotlibMissing:
+        return None
 
 
 def _ranks_agree(model: nn.Module, rt: runtime.Runtime) -> bool:

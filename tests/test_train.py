@@ -62,6 +62,7 @@ def test_tiny_recipe_through_the_cli(tiny_run):
         assert [r["loss"] for r in train] == pytest.approx(PINNED_LOSSES, rel=2e-3)
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "loss.png").stat().st_size > 1000  # matplotlib is in the test extra
     assert load_recipe(out / "recipe.yaml").train.max_steps == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     summary = json.loads((out / "summary.json").read_text())
