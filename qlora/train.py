@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +96,25 @@ def evaluate(loss_fn: nn.Module, loader, rt: runtime.Runtime, max_batches: int |
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
 
 
-def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> Path:
+RUN_MARKERS = ("recipe.yaml", "metrics.jsonl")  # files that make a folder a qlora run folder
+
+
+def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> tuple[Path, bool]:
+    """Check the output folder; returns (folder, whether an old run there must be cleared first)."""
     run_dir = Path(cfg.output.dir)
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+        return run_dir, False
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return run_dir, False
+    if not cfg.output.overwrite:
         raise UsageError(f"output.dir {str(run_dir)!r} already exists; pass --overwrite "
                          "(or output.overwrite=true), --resume, or choose another output.dir")
-    return run_dir
+    if not any((run_dir / name).exists() for name in RUN_MARKERS):
+        raise UsageError(f"output.dir {str(run_dir)!r} is not empty and holds no qlora run "
+                         f"({' / '.join(RUN_MARKERS)}); refusing to delete it with --overwrite")
+    return run_dir, True
 
 
 def _micro_batches(loader):
@@ -138,7 +149,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
     """
     tc = cfg.train
     rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
-    run_dir = prepare_run_dir(cfg, resume)
+    run_dir, clear_old_run = prepare_run_dir(cfg, resume)
     runtime.seed_everything(tc.seed)
     say = print if rt.is_main else (lambda *a, **k: None)
 
@@ -171,6 +182,8 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
         progress = Progress(**state["progress"])
         say(f"resumed from {checkpoint} at step {progress.step}")
     if rt.is_main:
+        if clear_old_run:  # only now that the model and data loaded: a failed start keeps the old run
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, run_dir / "recipe.yaml")
     metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main)

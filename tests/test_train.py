@@ -139,3 +139,19 @@ def test_generate_command_prompt_and_chat(tiny_run):
     assert result.returncode == 0, result.stderr[-3000:]
     bad = run_cli("generate", str(out), "--prompt", "Hello", "--max-new-tokens", "0")
     assert bad.returncode == 2 and "--max-new-tokens" in bad.stderr
+
+
+def test_overwrite_replaces_the_old_run_and_spares_foreign_folders(home, tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    result = run_cli("train", str(TINY), f"output.dir={foreign}", "--overwrite")
+    assert result.returncode == 2 and "refusing to delete" in result.stderr
+    assert (foreign / "cat.jpg").exists()
+
+    run = tmp_path / "run"
+    for _ in range(2):
+        result = run_cli("train", str(TINY), f"output.dir={run}", "--overwrite", "train.max_steps=1",
+                         "train.save_every=0", "--samples", "0")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1]  # not appended to the old run
