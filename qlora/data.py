@@ -26,9 +26,7 @@ no padding, but documents in a block attend to each other (positions are not res
 not truncated first. Length grouping instead sorts shuffled mega-batches by length so batches need
 little padding while the batch order stays random.
 
-`ResumableBatchSampler` owns the data position: `state_dict()` is {"epoch", "index"} (the next
-batch of this rank), and `load_state_dict()` makes the next iteration start exactly there. Loaders
-use `num_workers=0`, so the sampler is never read ahead of the training loop.
+Batches come from `qlora.batching` (the resumable sampler and the padding collate).
 """
 
 from __future__ import annotations
@@ -42,18 +40,18 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from qlora.batching import Example, ResumableBatchSampler, collate
 from qlora.config import DataConfig
 from qlora.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]}, unpadded
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_COLUMNS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
                   "input-output": ("input", "output"), "text": ("text",)}  # auto tries in this order
@@ -310,87 +308,6 @@ def split_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[int], 
     order = list(range(n))
     random.Random(cfg.seed).shuffle(order)
     return sorted(order[n_eval:]), sorted(order[:n_eval])
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Batches of example indices for one rank, reproducible per (seed, epoch) and resumable.
-
-    Epoch e shuffles with seed `seed * 1_000_003 + e` (or keeps order when `shuffle=False`); with
-    `group_by_length`, each shuffled mega-batch of 64 global batches is sorted by length before it
-    is cut, and the batch order is shuffled again. Rank r takes global batches r, r + W, r + 2W, ...
-    (W = world_size), so W ranks with one micro-batch each see what one process sees over W
-    micro-batches. With `drop_uneven` the global batch count is cut to a multiple of W.
-
-    Position: `state_dict() -> {"epoch": e, "index": i}` names the next batch to yield; iterating
-    again after `load_state_dict(state)` resumes exactly there; an exhausted epoch rolls to e + 1.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True,
-                 group_by_length: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_uneven: bool = True) -> None:
-        self.lengths, self.batch_size, self.shuffle = list(lengths), batch_size, shuffle
-        self.group_by_length, self.seed, self.rank, self.world_size = group_by_length, seed, rank, world_size
-        self.drop_uneven = drop_uneven
-        self.epoch, self.index = 0, 0
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of epoch `epoch`."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            rng.shuffle(order)
-        if self.group_by_length:
-            mega = self.batch_size * self.world_size * 64
-            order = [i for s in range(0, len(order), mega)
-                     for i in sorted(order[s: s + mega], key=lambda j: -self.lengths[j])]
-        cut = [order[s: s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-        if self.group_by_length and self.shuffle:
-            rng.shuffle(cut)
-        if self.drop_uneven:
-            cut = cut[: len(cut) // self.world_size * self.world_size]
-        return cut[self.rank:: self.world_size]
-
-    def __len__(self) -> int:
-        n = -(-len(self.lengths) // self.batch_size)  # same count in every epoch
-        if self.drop_uneven:
-            n = n // self.world_size * self.world_size
-        return len(range(self.rank, n, self.world_size))
-
-    def _normalise(self) -> None:
-        if self.index >= len(self):
-            self.epoch, self.index = self.epoch + 1, 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        self._normalise()
-        batches = self.batches(self.epoch)
-        while self.index < len(batches):
-            self.index += 1
-            yield batches[self.index - 1]
-        self._normalise()
-
-    def state_dict(self) -> dict[str, int]:
-        self._normalise()
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
-def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids (pad_id), labels (-100), attention_mask (0 = pad)."""
-    width = max(len(ex["input_ids"]) for ex in batch)
-    out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
-           "labels": torch.full((len(batch), width), -100, dtype=torch.long),
-           "attention_mask": torch.zeros((len(batch), width), dtype=torch.long)}
-    for row, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        out["input_ids"][row, :n] = torch.tensor(ex["input_ids"])
-        out["labels"][row, :n] = torch.tensor(ex["labels"])
-        out["attention_mask"][row, :n] = 1
-    return out
 
 
 def _pad_id(tokenizer) -> int:

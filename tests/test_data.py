@@ -12,9 +12,7 @@ from helpers_tokenizer import make_tokenizer
 from qlora.config import DataConfig
 from qlora.data import (
     DataStats,
-    ResumableBatchSampler,
     chatterbot_rows,
-    collate,
     detect_format,
     load_records,
     make_dataloaders,
@@ -22,6 +20,7 @@ from qlora.data import (
     split_rows,
     tokenize_rows,
 )
+from qlora.batching import ResumableBatchSampler, collate
 from qlora.errors import UsageError
 
 
