@@ -286,3 +286,14 @@ def test_packed_tensor_that_does_not_match_its_state():
 def test_bits_per_param_counts_odd_sizes():
     _, state = quantize_4bit(torch.randn(7))
     assert state.numel == 7 and math.isclose(bits_per_param(state), (8 * 4 + 8 + 32) / 7)
+
+
+@pytest.mark.parametrize("n", [1000, 1001, 4096])
+def test_reference_dequantise_in_chunks_equals_one_pass(monkeypatch, n):
+    monkeypatch.setattr(api, "_native", lambda: None)
+    packed, state = quantize_4bit(torch.randn(n, generator=torch.Generator().manual_seed(n)), "nf4", 32, True)
+    whole = dequantize_4bit(packed, state)
+    monkeypatch.setattr(api, "REFERENCE_CHUNK", 96)  # forces many chunks (rounded to 64-element steps)
+    assert torch.equal(dequantize_4bit(packed, state), whole)
+    strided = torch.empty(n, 2)[:, 0]  # a non-contiguous out buffer
+    assert torch.equal(dequantize_4bit(packed, state, out=strided), whole)

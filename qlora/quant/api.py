@@ -127,9 +127,30 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: torch.Tensor |
     if native is not None:
         native.dequantize_4bit(data, scales, state.code.float(), state.blocksize, out.view(-1))
     else:
-        flat = reference.dequantize_4bit_blocks(data, scales, state.code, state.blocksize, state.numel, out.dtype)
-        out.copy_(flat.view(out.shape))
+        _dequantize_in_chunks(data, scales, state, out)
     return out.view(state.shape)
+
+
+REFERENCE_CHUNK = 1 << 22  # elements per reference-kernel pass
+
+
+def _dequantize_in_chunks(data: torch.Tensor, scales: torch.Tensor, state: QuantState, out: torch.Tensor) -> None:
+    """Reference dequantisation, a few million elements at a time.
+
+    Note: dequantise in chunks. The reference kernel's temporaries (int64 codes, fp32 values and
+    scales: ~20 bytes per element) would otherwise be 10x the bf16 output for a large weight, on
+    the GPU too; chunks that are whole blocks and whole bytes bound them to ~80 MB.
+    """
+    n, blocksize = state.numel, state.blocksize
+    step = max(2 * blocksize, REFERENCE_CHUNK - REFERENCE_CHUNK % (2 * blocksize))
+    target = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        target[start:stop] = reference.dequantize_4bit_blocks(
+            data[start // 2:(stop + 1) // 2], scales[start // blocksize:-(-stop // blocksize)], state.code,
+            blocksize, stop - start, out.dtype)
+    if target.data_ptr() != out.data_ptr():
+        out.copy_(target.view(out.shape))
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
