@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -27,97 +26,16 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 
 from qlora.errors import UsageError
+from qlora.typecheck import Section, coerce
 
 Dtype = Literal["bf16", "fp16", "fp32"]
-
-
-# ----------------------------------------------------------------------------- type checking
-
-
-def _type_name(tp: Any) -> str:
-    """Readable name of an annotation, for error messages."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
-    if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    return "null" if tp is type(None) else tp.__name__
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, value converted to `tp`). Ints are accepted for floats; lists for tuples."""
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        for arg in typing.get_args(tp):
-            ok, converted = _coerce(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is Literal:
-        return value in typing.get_args(tp) and isinstance(value, str), value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        pairs = [_coerce(v, item) for v in value]
-        return all(ok for ok, _ in pairs), [v for _, v in pairs]
-    if origin is tuple:
-        items = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            return False, value
-        pairs = [_coerce(v, t) for v, t in zip(value, items)]
-        return all(ok for ok, _ in pairs), tuple(v for _, v in pairs)
-    if tp is type(None):
-        return value is None, value
-    if tp is float:  # YAML 1.1 reads `1e-4` as a str (it wants `1.0e-4`): accept numeric strings
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            return False, value
-        try:
-            number = float(value)
-        except ValueError:
-            return False, value
-        return math.isfinite(number), number
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    return isinstance(value, tp), value
-
-
-def _suggest(value: Any, tp: Any) -> str:
-    """` (did you mean 'x'?)` for a string close to one of a Literal's choices, else ``."""
-    choices = [c for a in (typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,))
-               if typing.get_origin(a) is Literal for c in typing.get_args(a)]
-    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-class _Section:
-    """Mixin for recipe sections: type-checks every field against its annotation in __post_init__."""
-
-    section: ClassVar[str]
-
-    def _check_types(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            ok, converted = _coerce(value, hints[f.name])
-            if not ok:
-                raise UsageError(f"{self.section}.{f.name}: {value!r} is not allowed; expected "
-                                 f"{_type_name(hints[f.name])}{_suggest(value, hints[f.name])}")
-            setattr(self, f.name, converted)
-
-    def _require(self, ok: bool, name: str, allowed: str) -> None:
-        """Raise a UsageError for field `name` unless `ok`; `allowed` says what would be valid."""
-        if not ok:
-            raise UsageError(f"{self.section}.{name}: {getattr(self, name)!r} is not allowed; {allowed}")
 
 
 # ----------------------------------------------------------------------------- sections
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     section: ClassVar[str] = "model"
 
     name_or_path: str = "smollm2-135m"
@@ -136,7 +54,7 @@ class ModelConfig(_Section):
 
 
 @dataclass
-class QuantConfig(_Section):
+class QuantConfig(Section):
     section: ClassVar[str] = "quant"
 
     enabled: bool = True
@@ -160,7 +78,7 @@ class QuantConfig(_Section):
 
 
 @dataclass
-class LoraConfig(_Section):
+class LoraConfig(Section):
     section: ClassVar[str] = "lora"
 
     r: int = 16
@@ -192,7 +110,7 @@ class LoraConfig(_Section):
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     section: ClassVar[str] = "data"
 
     dataset: str = "chatterbot"
@@ -235,7 +153,7 @@ class DataConfig(_Section):
 
 
 @dataclass
-class OptimConfig(_Section):
+class OptimConfig(Section):
     section: ClassVar[str] = "optim"
 
     name: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"] = "paged_adamw_8bit"
@@ -279,7 +197,7 @@ class OptimConfig(_Section):
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     section: ClassVar[str] = "train"
 
     micro_batch_size: int = 4
@@ -327,7 +245,7 @@ class TrainConfig(_Section):
 
 
 @dataclass
-class OutputConfig(_Section):
+class OutputConfig(Section):
     section: ClassVar[str] = "output"
 
     dir: str = "runs/qlora"
@@ -342,7 +260,7 @@ class OutputConfig(_Section):
         self._require(bool(self.dir.strip()), "dir", "give an output folder")
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "quant": QuantConfig,
     "lora": LoraConfig,
@@ -431,7 +349,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise UsageError(f"override {key}: cannot parse {raw!r} as a YAML value ({e})") from None
-    takes_str, _ = _coerce("x", _field_type(section, name))
+    takes_str, _ = coerce("x", _field_type(section, name))
     if takes_str and not isinstance(value, (str, list, dict)) and value is not None:
         value = raw
     body = data.setdefault(section, {})
