@@ -57,19 +57,13 @@ def resolve_target(target: str, overrides: list[str], adapter: str | None = None
 
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer), with the adapter applied when there is one."""
-    import torch
-
     from qlora import runtime
     from qlora.adapter import load_adapter
-    from qlora.model import load_model, load_tokenizer
+    from qlora.model import load_tokenizer
+    from qlora.train import load_base_model
 
-    cfg, q = target.cfg, target.cfg.quant
-    dtype = runtime.resolve_dtype(cfg.model.dtype)
-    model = load_model(cfg.model.name_or_path, quantize=q.enabled, quant_type=q.quant_type, blocksize=q.blocksize,
-                       double_quant=q.double_quant,
-                       quant_storage=torch.bfloat16 if q.quant_storage == "bf16" else torch.uint8,
-                       compute_dtype=dtype, skip_modules=tuple(q.skip_modules),
-                       trust_remote_code=cfg.model.trust_remote_code, device=device)
+    cfg = target.cfg
+    model = load_base_model(cfg, device)
     if target.adapter is not None:
         load_adapter(model, target.adapter, dtype=runtime.resolve_dtype(cfg.lora.dtype))
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)

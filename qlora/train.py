@@ -53,14 +53,19 @@ class Progress:
     tokens: int = 0  # input tokens seen (all processes)
 
 
+def load_base_model(cfg: RecipeConfig, device: torch.device) -> nn.Module:
+    """The recipe's base model, 4-bit per `cfg.quant` (or 16-bit with quant.enabled=false)."""
+    q = cfg.quant
+    return load_model(cfg.model.name_or_path, quantize=q.enabled, quant_type=q.quant_type, blocksize=q.blocksize,
+                      double_quant=q.double_quant,
+                      quant_storage=torch.bfloat16 if q.quant_storage == "bf16" else torch.uint8,
+                      compute_dtype=runtime.resolve_dtype(cfg.model.dtype), skip_modules=tuple(q.skip_modules),
+                      trust_remote_code=cfg.model.trust_remote_code, device=device)
+
+
 def build_model(cfg: RecipeConfig, rt: runtime.Runtime) -> nn.Module:
     """The 4-bit (or 16-bit with quant.enabled=false) base with LoRA adapters, ready to train."""
-    q = cfg.quant
-    model = load_model(cfg.model.name_or_path, quantize=q.enabled, quant_type=q.quant_type, blocksize=q.blocksize,
-                       double_quant=q.double_quant,
-                       quant_storage=torch.bfloat16 if q.quant_storage == "bf16" else torch.uint8,
-                       compute_dtype=rt.dtype, skip_modules=tuple(q.skip_modules),
-                       trust_remote_code=cfg.model.trust_remote_code, device=rt.device)
+    model = load_base_model(cfg, rt.device)
     lc = cfg.lora
     apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.targets, lc.use_rslora, runtime.resolve_dtype(lc.dtype))
     return prepare_for_training(model, cfg.train.gradient_checkpointing)
