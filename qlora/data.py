@@ -317,6 +317,20 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
+def split_sources(cfg: DataConfig, records: list[dict[str, Any]] | None = None,
+                  eval_records: list[dict[str, Any]] | None = None):
+    """(train indices, train rows, eval indices, eval rows): `cfg.max_rows` of the data set, then
+    either the separate eval data (`eval_records` / `cfg.eval_dataset`) or the held-out split."""
+    rows = records if records is not None else load_records(cfg.dataset, cfg.split)
+    rows = rows[: cfg.max_rows] if cfg.max_rows else rows
+    if eval_records is None and cfg.eval_dataset is not None:
+        eval_records = load_records(cfg.eval_dataset, cfg.split)
+    if eval_records is not None:
+        return range(len(rows)), rows, range(len(eval_records)), eval_records
+    train_idx, eval_idx = split_rows(rows, cfg)
+    return train_idx, [rows[i] for i in train_idx], eval_idx, [rows[i] for i in eval_idx]
+
+
 def make_dataloaders(tokenizer, cfg: DataConfig, micro_batch_size: int, seed: int, *,
                      records: list[dict[str, Any]] | None = None,
                      eval_records: list[dict[str, Any]] | None = None,
@@ -327,16 +341,8 @@ def make_dataloaders(tokenizer, cfg: DataConfig, micro_batch_size: int, seed: in
     The train loader's `batch_sampler` is a `ResumableBatchSampler` seeded with `seed`; save and
     restore its `state_dict()` for an exact resume. Eval batches are in order, split across ranks.
     """
-    rows = records if records is not None else load_records(cfg.dataset, cfg.split)
-    rows = rows[: cfg.max_rows] if cfg.max_rows else rows
-    if eval_records is None and cfg.eval_dataset is not None:
-        eval_records = load_records(cfg.eval_dataset, cfg.split)
-    if eval_records is None:
-        train_idx, eval_idx = split_rows(rows, cfg)
-        train_rows, eval_rows, eval_where = [rows[i] for i in train_idx], [rows[i] for i in eval_idx], ""
-    else:
-        train_idx, eval_idx = range(len(rows)), range(len(eval_records))
-        train_rows, eval_rows, eval_where = rows, eval_records, "eval data: "
+    train_idx, train_rows, eval_idx, eval_rows = split_sources(cfg, records, eval_records)
+    eval_where = "" if eval_records is None and cfg.eval_dataset is None else "eval data: "
     if not train_rows:
         raise UsageError(f"data.dataset {cfg.dataset!r} has no rows")
     fmt = detect_format(train_rows + eval_rows, cfg.format)

@@ -34,7 +34,7 @@ from qlora import runtime
 from qlora.adapter import save_adapter
 from qlora.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from qlora.config import RecipeConfig, save_recipe
-from qlora.data import load_records, make_dataloaders, split_rows
+from qlora.data import make_dataloaders, split_sources
 from qlora.errors import UsageError
 from qlora.generate import before_after, first_user_turn
 from qlora.loss import CausalLMLoss
@@ -134,11 +134,8 @@ def _micro_batches(loader):
 
 
 def _sample_prompts(cfg: RecipeConfig, k: int) -> list[str]:
-    rows = load_records(cfg.data.dataset, cfg.data.split)
-    rows = rows[: cfg.data.max_rows] if cfg.data.max_rows else rows
-    _, eval_idx = split_rows(rows, cfg.data)
-    prompts = [p for i in eval_idx if (p := first_user_turn(rows[i]))]
-    return prompts[:k]
+    _, _, _, eval_rows = split_sources(cfg.data)
+    return [p for row in eval_rows if (p := first_user_turn(row))][:k]
 
 
 def no_phases(name: str) -> contextlib.AbstractContextManager:
