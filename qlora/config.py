@@ -25,10 +25,15 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
+from qlora import choices
 from qlora.errors import UsageError
 from qlora.typecheck import Section, coerce
 
-Dtype = Literal["bf16", "fp16", "fp32"]
+if typing.TYPE_CHECKING:
+    from qlora.adapters.spec import LoraSpec
+    from qlora.quant.format import QuantFormat
+
+Dtype = Literal[choices.DTYPES]
 
 
 # ----------------------------------------------------------------------------- sections
@@ -59,13 +64,13 @@ class QuantConfig(Section):
 
     enabled: bool = True
     """Quantise the frozen base linears to 4 bits (QLoRA). Off: 16-bit LoRA on the same recipe."""
-    quant_type: Literal["nf4", "fp4", "int4"] = "nf4"
+    quant_type: Literal[choices.QUANT_TYPES] = "nf4"
     """4-bit code book: NormalFloat4 (the paper's), FP4 (E2M1) or symmetric Int4."""
     blocksize: int = 64
     """Weights per absmax scale: a power of two from 32 to 4096."""
     double_quant: bool = True
     """Quantise the fp32 absmax scales to 8 bits as well (saves ~0.37 bits/param at blocksize 64)."""
-    quant_storage: Literal["uint8", "bf16"] = "uint8"
+    quant_storage: Literal[choices.QUANT_STORAGE] = "uint8"
     """Storage dtype of the packed weight: bf16 lets FSDP shard it next to bf16 parameters."""
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
     """Linear modules (by name or name suffix) kept in 16 bits."""
@@ -73,8 +78,17 @@ class QuantConfig(Section):
     def __post_init__(self) -> None:
         self._check_types()
         b = self.blocksize
-        self._require(32 <= b <= 4096 and b & (b - 1) == 0, "blocksize",
-                      "expected a power of two from 32 to 4096")
+        self._require(b in choices.BLOCKSIZES, "blocksize", "expected a power of two from 32 to 4096")
+
+    def format(self, compute_dtype: str) -> "QuantFormat":
+        """The 4-bit format these settings describe, computed in `compute_dtype` (a short name)."""
+        import torch
+
+        from qlora.dtypes import torch_dtype
+        from qlora.quant.format import QuantFormat
+
+        storage = torch.bfloat16 if self.quant_storage == "bf16" else torch.uint8
+        return QuantFormat(self.quant_type, self.blocksize, self.double_quant, storage, torch_dtype(compute_dtype))
 
 
 @dataclass
@@ -107,6 +121,12 @@ class LoraConfig(Section):
         else:
             self._require(self.targets == "all-linear" or self.targets.startswith("re:"), "targets",
                           "expected 'all-linear', a list of module names, or 're:<regex>'")
+
+    def spec(self) -> "LoraSpec":
+        """The adapter these settings describe (what surgery, checkpoints and the PEFT writer use)."""
+        from qlora.adapters.spec import LoraSpec
+
+        return LoraSpec(self.r, self.alpha, self.dropout, self.targets, self.use_rslora, self.dtype)
 
 
 @dataclass
@@ -156,7 +176,7 @@ class DataConfig(Section):
 class OptimConfig(Section):
     section: ClassVar[str] = "optim"
 
-    name: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"] = "paged_adamw_8bit"
+    name: Literal[choices.OPTIMIZERS] = "paged_adamw_8bit"
     """bitsandbytes paged 8-bit AdamW (paging needs CUDA; on CPU it runs un-paged), 8-bit AdamW,
     paged 32-bit AdamW, or torch AdamW."""
     lr: float = 2e-4

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from qlora.dtypes import torch_dtype
 from qlora.errors import UsageError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,6 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UsageError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def quiet_libraries() -> None:
@@ -70,7 +64,7 @@ def setup(device: str = "auto", dtype: str = "bf16", threads: int | None = None)
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, resolve_dtype(dtype), rank, world_size, local_rank)
+    return Runtime(dev, torch_dtype(dtype), rank, world_size, local_rank)
 
 
 def teardown() -> None:

@@ -8,14 +8,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora.adapter import load_adapter, save_adapter
+from qlora.adapters.peft_format import load_adapter, save_adapter
+from qlora.adapters.spec import LoraSpec
+from qlora.quant.format import QuantFormat
 from qlora.errors import UsageError
-from qlora.model import load_model
-from qlora.surgery import apply_lora
+from qlora.hf.load import load_model
+from qlora.adapters.surgery import apply_lora
 from tiny_models import randomise_lora_b, save_tiny, tokens
 
 peft = pytest.importorskip("peft")
 LORA = dict(r=4, alpha=8, dropout=0.0, use_rslora=False)
+
+
+def spec(targets="all-linear", rslora=False) -> LoraSpec:
+    return LoraSpec(**{**LORA, "use_rslora": rslora}, targets=targets)
 
 
 @pytest.fixture(autouse=True)
@@ -46,15 +52,14 @@ def assert_same_model(theirs: torch.Tensor, ours: torch.Tensor, base: torch.Tens
 
 
 def adapted(base, quantize: bool, targets="all-linear", rslora=False):
-    model = load_model(base, quantize=quantize)
-    apply_lora(model, LORA["r"], LORA["alpha"], targets=targets, use_rslora=rslora)
+    model = load_model(base, quant=QuantFormat() if quantize else None)
+    apply_lora(model, spec(targets, rslora))
     randomise_lora_b(model)
     return model
 
 
 def save(model, base, out, targets="all-linear", rslora=False):
-    return save_adapter(model, out, base_model_name_or_path=str(base), targets=targets,
-                        **{**LORA, "use_rslora": rslora})
+    return save_adapter(model, out, spec(targets, rslora), str(base))
 
 
 def test_files_follow_peft(base, tmp_path):

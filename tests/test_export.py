@@ -8,10 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora.adapter import save_adapter
+from qlora.adapters.peft_format import save_adapter
+from qlora.adapters.spec import LoraSpec
+from qlora.quant.format import QuantFormat
 from qlora.cli import main
-from qlora.model import load_model
-from qlora.surgery import apply_lora
+from qlora.hf.load import load_model
+from qlora.adapters.surgery import apply_lora
 from qlora.nn import Linear4bit
 from tiny_models import randomise_lora_b, save_tiny, tokens
 
@@ -70,11 +72,10 @@ def test_quantize_output_rules(tmp_path, capsys):
 
 
 def adapter_on(base, out, quantize: bool):
-    model = load_model(base, quantize=quantize)
-    apply_lora(model, r=4, alpha=8)
+    model = load_model(base, quant=QuantFormat() if quantize else None)
+    apply_lora(model, LoraSpec(r=4, alpha=8))
     randomise_lora_b(model)
-    save_adapter(model, out, base_model_name_or_path=str(base), r=4, alpha=8, dropout=0.0,
-                 targets="all-linear", use_rslora=False)
+    save_adapter(model, out, LoraSpec(r=4, alpha=8), str(base))
     return model
 
 

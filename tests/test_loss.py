@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora.loss import CausalLMLoss
+from qlora.nn.loss import CausalLMLoss
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from qlora.memory import (  # noqa: E402
     plan_memory,
     quant_bits_per_param,
     quantised_tensor_bytes,
-    resolve_model,
+    model_shape,
     shape_from_config,
 )
 from qlora.memory.plan import activation_bytes, optimizer_state_bytes  # noqa: E402
@@ -97,8 +97,8 @@ def test_builtin_shapes_match_transformers_modules(name):
 
 def test_config_json_path_and_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**TINY, "model_type": "llama"}))
-    from_file = resolve_model(str(tmp_path / "config.json"))
-    from_folder = resolve_model(str(tmp_path))
+    from_file = model_shape(str(tmp_path / "config.json"))
+    from_folder = model_shape(str(tmp_path))
     assert from_file.num_parameters() == from_folder.num_parameters() == shape_from_config(TINY).num_parameters()
     assert plan_memory(TINY, PlanSettings(lora_r=8)).total_bytes == plan_memory(from_file, PlanSettings(lora_r=8)).total_bytes
 
@@ -422,7 +422,7 @@ def test_settings_from_recipe_maps_the_trainer_settings():
 
 
 def test_chunked_loss_counts_target_tokens_only():
-    """qlora.loss.CausalLMLoss: 12 bytes per chunk token per vocabulary entry at its backward peak
+    """qlora.nn.loss.CausalLMLoss: 12 bytes per chunk token per vocabulary entry at its backward peak
     (fp32 log-softmax output, its gradient, the upcast's gradient) plus the kept hidden states."""
     from qlora.memory.plan import logits_loss_bytes
 

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from qlora.config import load_recipe  # noqa: E402
 from qlora.memory.profile import MemoryTracker, TensorLedger, plan_for_recipe, rss_anon_bytes  # noqa: E402
-from qlora.train import train  # noqa: E402
+from qlora.training.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "tiny_smoke.yaml"
@@ -101,7 +101,7 @@ HONEST_MODEL = dict(vocab_size=49152, hidden_size=256, intermediate_size=640, nu
 def honest_model(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.embedded import tokenizer_folder
+    from qlora.hf.embedded import tokenizer_folder
 
     folder = tmp_path_factory.mktemp("honest-llama")
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ CASES = [(True, 0.05, 8, 16), (False, 0.0, 4, 16), (True, 0.0, 4, 256)]
 
 @pytest.mark.parametrize("checkpointing,dropout,batch,chunk", CASES)
 def test_plan_within_10_percent_of_profiled_peak(honest_model, tmp_path, checkpointing, dropout, batch, chunk):
-    """The planner's total against the tensor peak of real training steps through `qlora.train.train`.
+    """The planner's total against the tensor peak of real training steps through `qlora.training.loop.train`.
 
     Packing and training on prompts make every batch the recipe's worst one (micro-batch x max_length
     tokens, all of them loss targets), which is what the plan for a recipe describes; the test checks

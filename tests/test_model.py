@@ -11,8 +11,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qlora.errors import UsageError
-from qlora.model import load_model
-from qlora.surgery import apply_lora, prepare_for_training, trainable_summary
+from qlora.adapters.spec import LoraSpec
+from qlora.hf.load import load_model
+from qlora.quant.format import QuantFormat
+from qlora.adapters.surgery import apply_lora, prepare_for_training, trainable_summary
 from qlora.nn import Linear4bit, LoRALinear
 from tiny_models import save_tiny, tokens
 
@@ -54,7 +56,7 @@ def test_load_matches_transformers(family, tmp_path):
     bf16 = logits(AutoModelForCausalLM.from_pretrained(folder))
     assert (logits(ours) - bf16).norm() / bf16.norm() < 0.4
     # Unquantised loading is transformers' model exactly.
-    assert torch.equal(logits(load_model(folder, quantize=False)), bf16)
+    assert torch.equal(logits(load_model(folder, quant=None)), bf16)
 
 
 def test_everything_materialised_and_tied(tmp_path):
@@ -84,7 +86,7 @@ def test_sharded_folder_and_key_prefix(tmp_path):
 
 def test_skip_modules_and_formats(tmp_path):
     folder = save_tiny("llama", tmp_path / "m")
-    model = load_model(folder, skip_modules=("lm_head", "mlp"), quant_type="fp4", blocksize=128, double_quant=False)
+    model = load_model(folder, skip_modules=("lm_head", "mlp"), quant=QuantFormat("fp4", 128, False))
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
     q = model.model.layers[0].self_attn.q_proj
     assert (q.quant_type, q.blocksize, q.double_quant) == ("fp4", 128, False)
@@ -147,7 +149,7 @@ def tiny_folder(tmp_path_factory):
 
 def test_apply_lora_all_linear(tiny_folder):
     model = load_model(tiny_folder)
-    wrapped = apply_lora(model, r=4, alpha=8)
+    wrapped = apply_lora(model, LoraSpec(r=4, alpha=8))
     assert len(wrapped) == 14 and "lm_head" not in wrapped  # 7 projections x 2 layers
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in wrapped)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -157,19 +159,19 @@ def test_apply_lora_all_linear(tiny_folder):
 
 
 def test_lora_targets(tiny_folder):
-    assert apply_lora(load_model(tiny_folder), 4, 8, targets=["q_proj", "v_proj"]) == [
+    assert apply_lora(load_model(tiny_folder), LoraSpec(4, 8, targets=["q_proj", "v_proj"])) == [
         f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
     ]
-    assert apply_lora(load_model(tiny_folder), 4, 8, targets=r"re:.*\.0\.mlp\..*_proj") == [
+    assert apply_lora(load_model(tiny_folder), LoraSpec(4, 8, targets=r"re:.*\.0\.mlp\..*_proj")) == [
         f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")
     ]
     with pytest.raises(UsageError, match=r"'qkv' matches no linear module; available names: \['down_proj'"):
-        apply_lora(load_model(tiny_folder), 4, 8, targets=["q_proj", "qkv"])
+        apply_lora(load_model(tiny_folder), LoraSpec(4, 8, targets=["q_proj", "qkv"]))
 
 
 def test_trainable_summary_counts_4bit_logically(tiny_folder):
     model = load_model(tiny_folder)
-    apply_lora(model, r=4, alpha=8)
+    apply_lora(model, LoraSpec(r=4, alpha=8))
     # Hand count: per layer q,o 64x64; k,v 64x32 -> out 32; gate/up 64->128; down 128->64.
     linear = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
     lora = 2 * (4 * (64 + 64) * 2 + 4 * (64 + 32) * 2 + 4 * (64 + 128) * 2 + 4 * (128 + 64))
@@ -182,7 +184,7 @@ def test_trainable_summary_counts_4bit_logically(tiny_folder):
 
 def test_prepare_for_training_backprops_to_adapters(tiny_folder):
     model = load_model(tiny_folder)
-    apply_lora(model, r=4, alpha=8)
+    apply_lora(model, LoraSpec(r=4, alpha=8))
     prepare_for_training(model)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     model.train()

@@ -11,25 +11,25 @@ import torch
 from torch import nn
 
 from qlora.config import OptimConfig
+from qlora.choices import OPTIMIZERS
 from qlora.errors import UsageError
-from qlora.optim import LRMultiplier, build_optimizer, build_scheduler, clip_gradients, param_groups
+from qlora.nn import LoRALinear
+from qlora.training.optim import LRMultiplier, build_optimizer, build_scheduler, clip_gradients, param_groups
 
 
 class TinyLoRA(nn.Module):
-    """A frozen linear with LoRA A / B beside it, plus a trainable norm: the names the optimiser sees
-    (`*.lora_A.weight`, `*.lora_B.weight`) are those of qlora.nn.LoRALinear."""
+    """A LoRALinear around a frozen linear (scaling 1), plus a trainable norm outside any adapter:
+    the optimiser sees Role.A, Role.B and an ordinary trainable parameter."""
 
     def __init__(self, dim: int = 96, r: int = 8, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.base = nn.Linear(dim, dim).requires_grad_(False)
-        self.lora_A = nn.Linear(dim, r, bias=False, dtype=dtype)
-        self.lora_B = nn.Linear(r, dim, bias=False, dtype=dtype)
-        nn.init.normal_(self.lora_B.weight, std=0.02)  # non-zero so A gets gradients too
+        self.lora = LoRALinear(nn.Linear(dim, dim), r=r, alpha=r, dtype=dtype)
+        nn.init.normal_(self.lora.lora_B.weight, std=0.02)  # non-zero so A gets gradients too
         self.norm = nn.LayerNorm(dim)
+        self.lora_A, self.lora_B = self.lora.lora_A, self.lora.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).float()
-        return self.norm(self.base(x) + lora)
+        return self.norm(self.lora(x).float())
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -43,7 +43,7 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 def test_groups_lora_plus_and_weight_decay():
     cfg = OptimConfig(lr=1e-3, lora_plus_ratio=16.0, weight_decay=0.1)
     model = TinyLoRA()
-    groups = {g["name"]: g for g in param_groups(model.named_parameters(), cfg)}
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
     assert groups["lora"]["params"] == [model.lora_A.weight] and groups["lora"]["lr"] == 1e-3
     assert groups["lora_B"]["params"] == [model.lora_B.weight] and groups["lora_B"]["lr"] == pytest.approx(1.6e-2)
     assert groups["lora"]["weight_decay"] == groups["lora_B"]["weight_decay"] == 0.1
@@ -62,12 +62,12 @@ def test_lora_plus_scales_the_first_adam_update_of_b():
     assert (model.lora_B.weight - b0).abs().median().item() == pytest.approx(4e-3, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_optimiser_steps_on_cpu(name: str, dtype: torch.dtype, caplog):
     model = TinyLoRA(dtype=dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with caplog.at_level(logging.WARNING, logger="qlora.optim"), warnings.catch_warnings():
+    with caplog.at_level(logging.WARNING, logger="qlora.training.optim"), warnings.catch_warnings():
         warnings.simplefilter("error")  # bitsandbytes' own per-optimiser paging warning must not fire
         optimizer = build_optimizer(model, OptimConfig(name=name, lr=1e-2, weight_decay=0.01))
         for _ in range(3):
@@ -91,6 +91,12 @@ def test_8bit_state_for_large_matrices():
     model(torch.randn(2, 1024)).sum().backward()
     optimizer.step()
     assert optimizer.state[model.lora_A.weight]["state1"].dtype == torch.uint8
+
+
+def test_every_configured_name_has_an_optimiser():
+    from qlora.training import optim
+
+    assert set(optim._BNB_CLASSES) == set(OPTIMIZERS)
 
 
 def test_no_trainable_parameters_and_unknown_name():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora.adapter import save_adapter
-from qlora.model import load_model
-from qlora.surgery import apply_lora
+from qlora.adapters.peft_format import save_adapter
+from qlora.adapters.spec import LoraSpec
+from qlora.hf.load import load_model
+from qlora.adapters.surgery import apply_lora
 from tiny_models import save_tiny, tokens
 
 peft = pytest.importorskip("peft")
@@ -19,14 +20,13 @@ def test_lora_gradients_equal_peft(tmp_path, monkeypatch):
 
     folder = save_tiny("llama", tmp_path / "base")
     torch.manual_seed(0)
-    ours = load_model(folder, quantize=False, compute_dtype=torch.float32)
-    apply_lora(ours, 8, 16, 0.0, "all-linear", dtype=torch.float32)
+    ours = load_model(folder, quant=None, dtype=torch.float32)
+    apply_lora(ours, LoraSpec(r=8, alpha=16, dtype="fp32"))
     with torch.no_grad():  # B starts at zero; make both A and B matter
         for name, p in ours.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(folder), r=8, alpha=16, dropout=0.0,
-                 targets="all-linear", use_rslora=False)
+    save_adapter(ours, tmp_path / "adapter", LoraSpec(r=8, alpha=16, dtype="fp32"), str(folder))
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
 

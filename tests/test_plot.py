@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qlora import plot as P
+from qlora.reports import plot as P
 from qlora.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

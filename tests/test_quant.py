@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from qlora.quant import QuantState, bits_per_param, codebook, dequantize_4bit, matmul_4bit, quantize_4bit
-from qlora.quant import api
+from qlora.quant import api, backends
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -39,8 +39,8 @@ def _no_dynamo():
 def backend(request, monkeypatch):
     """Run a test once on the reference kernels and once on the native CPU kernels."""
     if request.param == "reference":
-        monkeypatch.setattr(api, "_native", lambda: None)
-    elif api._native() is None:
+        monkeypatch.setenv("QLORA_BACKEND", "reference")
+    elif backends._native() is None:
         pytest.skip("native CPU kernels unavailable (no compiler, or QLORA_NATIVE=0)")
     return request.param
 
@@ -290,10 +290,10 @@ def test_bits_per_param_counts_odd_sizes():
 
 @pytest.mark.parametrize("n", [1000, 1001, 4096])
 def test_reference_dequantise_in_chunks_equals_one_pass(monkeypatch, n):
-    monkeypatch.setattr(api, "_native", lambda: None)
+    monkeypatch.setenv("QLORA_BACKEND", "reference")
     packed, state = quantize_4bit(torch.randn(n, generator=torch.Generator().manual_seed(n)), "nf4", 32, True)
     whole = dequantize_4bit(packed, state)
-    monkeypatch.setattr(api, "REFERENCE_CHUNK", 96)  # forces many chunks (rounded to 64-element steps)
+    monkeypatch.setattr(backends, "REFERENCE_CHUNK", 96)  # forces many chunks (rounded to 64-element steps)
     assert torch.equal(dequantize_4bit(packed, state), whole)
     strided = torch.empty(n, 2)[:, 0]  # a non-contiguous out buffer
     assert torch.equal(dequantize_4bit(packed, state, out=strided), whole)

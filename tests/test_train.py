@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qlora.config import load_recipe
-from qlora.metrics import read_metrics
+from qlora.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny_smoke.yaml"

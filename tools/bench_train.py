@@ -7,8 +7,8 @@ Both stacks train the same LoRA (r=16, alpha 32, dropout 0.05, all linear layers
 double-quant 4-bit base, with the same micro-batches, in a fresh subprocess each (so one cannot
 inherit the other's heap or thread pools):
 
-    ours  `qlora.train.build_model` (stream-loaded 4-bit model + LoRA), `qlora.loss.CausalLMLoss`
-          (sum of token losses, chunked, never the full logits), `qlora.optim.build_optimizer`
+    ours  `qlora.training.build.build_model` (stream-loaded 4-bit model + LoRA), `qlora.nn.loss.CausalLMLoss`
+          (sum of token losses, chunked, never the full logits), `qlora.training.optim.build_optimizer`
           (the recipe's paged 8-bit AdamW: bitsandbytes' AdamW8bit on the CPU);
     peer  `AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(nf4,
           double quant, bf16 compute))`, `peft.prepare_model_for_kbit_training`,
@@ -19,7 +19,7 @@ Data: the recipe's (default `recipes/smollm2_135m_chat_cpu.yaml`: chatterbot con
 loss on answers only) through `qlora.data.make_dataloaders`, the first `--steps` train micro-batches
 and the held-out eval loader. Each child builds them itself; the parent checks that both saw the
 same tokens (a SHA-256 of the batches). Shared settings: micro-batch, steps, a constant lr 5e-4 (no
-warmup, no schedule), gradient clipping at the recipe's max_grad_norm (`qlora.optim.clip_gradients`
+warmup, no schedule), gradient clipping at the recipe's max_grad_norm (`qlora.training.optim.clip_gradients`
 for both), gradient checkpointing on or off for both (the peer's through PEFT's own switch),
 2 threads, seed.
 
@@ -28,7 +28,7 @@ allocations and is skipped), tokens/s over steps 2..N (non-pad input tokens / se
 anonymous RSS (`RssAnon`, sampled every 5 ms by `qlora.memory.profile.RssSampler`) during the
 training steps minus the RssAnon after the imports (both children import torch, transformers, peft,
 bitsandbytes and qlora first, so the baselines are alike), and the held-out mean token loss before
-and after training, computed by `qlora.train.evaluate` for both (the peer's mean loss times its
+and after training, computed by `qlora.inference.evaluate.evaluate` for both (the peer's mean loss times its
 target-token count gives the same (sum, count) pair as ours).
 
 Not like-for-like by design (each stack's usual path): `prepare_model_for_kbit_training` upcasts the
@@ -103,14 +103,14 @@ def _imports() -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import qlora.train  # noqa: F401
+    import qlora.training.loop  # noqa: F401
 
 
 def build_ours(cfg: RecipeConfig, rt: Runtime) -> tuple[nn.Module, torch.optim.Optimizer]:
     """(loss module returning (sum, count), optimiser) for qlora."""
-    from qlora.loss import CausalLMLoss
-    from qlora.optim import build_optimizer
-    from qlora.train import build_model
+    from qlora.nn.loss import CausalLMLoss
+    from qlora.training.optim import build_optimizer
+    from qlora.training.build import build_model
 
     model = build_model(cfg, rt)
     return CausalLMLoss(model, cfg.train.loss_chunk_size), build_optimizer(model, cfg.optim)
@@ -153,7 +153,7 @@ class PeerLoss(nn.Module):
 def train_steps(loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], max_grad_norm: float | None,
                 set_phase: Callable[[str], None]) -> list[dict]:
     """One optimiser step per micro-batch, timed; the gradient is that of the mean token loss."""
-    from qlora.optim import clip_gradients
+    from qlora.training.optim import clip_gradients
 
     loss_fn.train()
     steps = []
@@ -179,8 +179,8 @@ def child(which: str, args: argparse.Namespace) -> dict:
     _imports()
     from qlora import runtime
     from qlora.data import make_dataloaders
-    from qlora.model import load_tokenizer, model_folder
-    from qlora.train import evaluate
+    from qlora.hf.folder import load_tokenizer, model_folder
+    from qlora.inference.evaluate import evaluate
 
     cfg = load_cfg(args)
     rt = runtime.setup("cpu", "bf16", args.threads)

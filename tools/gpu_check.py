@@ -9,6 +9,7 @@ and of a Linear4bit forward+backward, as ratios measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -33,11 +34,14 @@ def _timed(fn, device: torch.device, repeat: int) -> float:
 
 
 def _cpu_reference(fn):
-    saved, api._native = api._native, (lambda: None)
+    saved = os.environ.get("QLORA_BACKEND")
+    os.environ["QLORA_BACKEND"] = "reference"
     try:
         return fn()
     finally:
-        api._native = saved
+        os.environ.pop("QLORA_BACKEND")
+        if saved is not None:
+            os.environ["QLORA_BACKEND"] = saved
 
 
 def checks(device: torch.device) -> list[tuple[str, bool, str]]:

@@ -10,7 +10,7 @@
    anonymous RSS (`RssAnon`, sampled every 2 ms by `qlora.memory.profile.RssSampler`) of:
      baseline  the imports only (torch, transformers, accelerate, bitsandbytes, qlora; the same in
                every child), nothing loaded;
-     ours      `qlora.model.load_model(folder)`: NF4, blocksize 64, double quant, bf16 compute,
+     ours      `qlora.hf.load.load_model(folder)`: NF4, blocksize 64, double quant, bf16 compute,
                lm_head kept in bf16 (the default), streamed from the mmapped shards;
      peer      `AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(
                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -99,7 +99,7 @@ def _imports() -> None:
     import transformers  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    import qlora.model  # noqa: F401
+    import qlora.hf.load  # noqa: F401
 
 
 def tensor_bytes(model) -> int:
@@ -144,7 +144,7 @@ def child(which: str, folder: str) -> dict:
     sampler = RssSampler(interval_s=0.002).start()
     t0 = time.perf_counter()
     if which == "ours":
-        from qlora.model import load_model
+        from qlora.hf.load import load_model
 
         model = load_model(folder)
     else:

@@ -2,7 +2,7 @@
 
     python tools/memory_profile.py RECIPE [section.field=value ...] [--steps 3] [--out DIR]
 
-Runs `qlora.train.train` on the recipe (train.max_steps=--steps, output.dir=DIR/run, overwrite) with
+Runs `qlora.training.loop.train` on the recipe (train.max_steps=--steps, output.dir=DIR/run, overwrite) with
 a `qlora.memory.profile.MemoryTracker` as its phase callback and records, per phase (load, eval,
 forward, backward, optimizer, save):
   * anonymous RSS, sampled every --interval-ms (what the process holds privately, runtime included);
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from qlora.config import load_recipe, recipe_to_dict
     from qlora.io import write_json_atomic
     from qlora.memory.profile import MemoryTracker, compare_with_plan
-    from qlora.train import train
+    from qlora.training.loop import train
 
     out = args.out or Path(tempfile.mkdtemp(prefix="qlora-memory-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 Error tables (mean abs, relative L2, max abs) for nf4/fp4/int4 x block size x double quant on
 Gaussian data, the model's linear weights and the fp32 MiniLM encoder, with bitsandbytes' figures
 beside ours; the model's perplexity on held-out English text in bf16 and each 4-bit format. Writes
-DIR/accuracy.json and DIR/accuracy.png; see `qlora.accuracy` for the definitions.
+DIR/accuracy.json and DIR/accuracy.png; see `qlora.reports.accuracy` for the definitions.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`qlora accuracy`: 4-bit weight error tables and the perplexity of each 4-bit format.
 
-Writes DIR/accuracy.json (every number; schema in `qlora.accuracy`) and DIR/accuracy.png (error
+Writes DIR/accuracy.json (every number; schema in `qlora.reports.accuracy`) and DIR/accuracy.png (error
 histograms, per-layer error, error vs block size), and prints a short table. The JSON is written
 even when matplotlib is missing; the message then says how to install it. `--quick` measures a
 subset (2 block sizes, the first 14 linear weights, 1,024 tokens) in about a minute.
@@ -37,10 +37,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from qlora.accuracy import Inputs, Settings, build_report, format_table
+    from qlora.reports.accuracy import Inputs, Settings, build_report, format_table
     from qlora.errors import UsageError
     from qlora.io import write_json_atomic
-    from qlora.plot import plot_accuracy
+    from qlora.reports.plot import plot_accuracy
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qlora.inference import add_target_arguments
+from qlora.inference.target import add_target_arguments
 
 
 def add_parser(subparsers) -> None:
@@ -24,10 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from qlora import runtime
     from qlora.data import make_dataloaders
     from qlora.errors import UsageError
-    from qlora.inference import load_for_inference, resolve_target
+    from qlora.inference.target import load_for_inference, resolve_target
     from qlora.io import write_json_atomic
-    from qlora.loss import CausalLMLoss
-    from qlora.train import evaluate
+    from qlora.nn.loss import CausalLMLoss
+    from qlora.inference.evaluate import evaluate
 
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError(f"--max-batches must be >= 1, got {args.max_batches}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qlora.inference import add_target_arguments
+from qlora.inference.target import add_target_arguments
 import sys
 
 
@@ -27,8 +27,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from qlora import runtime
     from qlora.errors import UsageError
-    from qlora.generate import generate
-    from qlora.inference import load_for_inference, resolve_target
+    from qlora.inference.generate import generate
+    from qlora.inference.target import load_for_inference, resolve_target
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from qlora.io import write_json_atomic
-from qlora.memory import BUILTIN_MODELS, GIB, LINEAR_NAMES, MemoryPlan, PlanSettings, plan_memory, resolve_model
+from qlora.memory import BUILTIN_MODELS, GIB, LINEAR_NAMES, MemoryPlan, PlanSettings, plan_memory, model_shape
 from qlora.memory.plan import ATTENTION, BLOCKSIZES, DEVICES, DTYPE_BYTES, LOSSES, OPTIMIZERS, QUANT_TYPES
 
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         grad_checkpointing=args.grad_ckpt, optimizer=args.optim, compute_dtype=args.dtype,
         quant_type=args.quant, blocksize=args.blocksize, double_quant=args.double_quant,
         attention=args.attention, loss=args.loss, loss_chunk=args.loss_chunk, device=args.device)
-    plan = plan_memory(resolve_model(args.model), settings)
+    plan = plan_memory(model_shape(args.model), settings)
     gpu_bytes = int(args.gpu_gb * GIB)
     print(format_table(plan, gpu_bytes))
     if args.json:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from qlora.choices import DTYPES
+
 
 
 def add_parser(subparsers) -> None:
@@ -20,18 +21,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--base", help="base model folder, hub id or built-in name (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the merged weights (default bf16)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the merged weights (default bf16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from qlora.export import merge_adapter
+    from qlora.dtypes import torch_dtype
+    from qlora.adapters.merge import merge_adapter
 
     out = merge_adapter(
-        args.adapter, args.out, base=args.base, dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite
+        args.adapter, args.out, base=args.base, dtype=torch_dtype(args.dtype), overwrite=args.overwrite
     )
     print(f"wrote {out}")
     return 0

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlora.plot import plot_loss_curves
+    from qlora.reports.plot import plot_loss_curves
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "loss.png"
     print(f"wrote {plot_loss_curves(args.run_dir, out)}")

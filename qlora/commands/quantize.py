@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from qlora.choices import BLOCKSIZES, DTYPES
+
 
 
 def add_parser(subparsers) -> None:
@@ -20,28 +21,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("src", metavar="SRC", help="model folder, hub id or built-in name (smollm2-135m, tiny-llama)")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format (default nf4)")
-    p.add_argument("--blocksize", type=int, default=64, help="weights per absmax block (default 64)")
+    p.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, help="weights per absmax block (default 64)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="keep the absmax constants in fp32 (default: quantise them to 8 bits)")
-    p.add_argument("--compute-dtype", choices=sorted(DTYPES), default="bf16",
+    p.add_argument("--compute-dtype", choices=DTYPES, default="bf16",
                    help="dtype of the matmuls and unquantised weights (default bf16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from qlora.dtypes import torch_dtype
+    from qlora.hf.export import quantize_folder
+    from qlora.quant.format import QuantFormat
 
-    from qlora.export import quantize_folder
-
-    out = quantize_folder(
-        args.src,
-        args.out,
-        quant_type=args.quant_type,
-        blocksize=args.blocksize,
-        double_quant=args.double_quant,
-        compute_dtype=getattr(torch, DTYPES[args.compute_dtype]),
-        overwrite=args.overwrite,
-    )
+    fmt = QuantFormat(args.quant_type, args.blocksize, args.double_quant, compute_dtype=torch_dtype(args.compute_dtype))
+    out = quantize_folder(args.src, args.out, fmt, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

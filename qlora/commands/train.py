@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_parser(subparsers) -> None:
@@ -22,7 +21,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from qlora.config import load_recipe
     from qlora.errors import UsageError
-    from qlora.train import train
+    from qlora.io import write_json_atomic
+    from qlora.run_dir import RunDir
+    from qlora.training.loop import train
 
     if args.samples < 0:
         raise UsageError(f"--samples must be >= 0, got {args.samples}")
@@ -31,9 +32,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume, samples=args.samples)
     if "adapter" in summary:  # main process
         print_summary(summary)
-        from pathlib import Path
-
-        (Path(summary["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(RunDir(summary["run_dir"]).summary, summary)
     return 0
 
 

@@ -5,7 +5,7 @@ sums to `total_bytes`; `qlora memory` prints it. Pure arithmetic: no torch impor
 answers instantly for a 70B model on any machine. The formulas are in `qlora.memory.plan`.
 """
 
-from qlora.memory.configs import BUILTIN_MODELS, LINEAR_NAMES, ModelShape, resolve_model, shape_from_config
+from qlora.memory.configs import BUILTIN_MODELS, LINEAR_NAMES, ModelShape, model_shape, shape_from_config
 from qlora.memory.plan import (
     GIB,
     MemoryPlan,
@@ -16,5 +16,5 @@ from qlora.memory.plan import (
 )
 
 __all__ = ["BUILTIN_MODELS", "GIB", "LINEAR_NAMES", "MemoryPlan", "ModelShape", "PlanSettings",
-           "plan_memory", "quant_bits_per_param", "quantised_tensor_bytes", "resolve_model",
+           "plan_memory", "quant_bits_per_param", "quantised_tensor_bytes", "model_shape",
            "shape_from_config"]

@@ -168,7 +168,7 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
     )
 
 
-def resolve_model(model: str) -> ModelShape:
+def model_shape(model: str) -> ModelShape:
     """A built-in name (case-insensitive) or a path to a `config.json` (or a folder holding one)."""
     builtin = BUILTIN_MODELS.get(model.lower())
     if builtin is not None:

@@ -46,7 +46,7 @@ with frozen 4-bit linears (whose backward needs only the packed weight, never th
 
 Logits and loss (transformers' ForCausalLMLoss): c*T*V logits (the caller keeps them), a transient fp32
 upcast, log-softmax output saved in fp32, then in backward its fp32 gradient and the fp32 gradient of
-the upcast: (c + 12)*T*V at the peak. With `loss="chunked"` (qlora.loss.CausalLMLoss: only target
+the upcast: (c + 12)*T*V at the peak. With `loss="chunked"` (qlora.nn.loss.CausalLMLoss: only target
 positions, each chunk under activation checkpointing, no logits returned to the caller) the forward
 keeps the N = b*(s-1) target positions' hidden states (c*h each) and their int64 indices (8 each),
 and the backward recomputes one chunk of n = min(chunk, N) tokens: the fp32 log-softmax output, its
@@ -74,14 +74,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from qlora.choices import BLOCKSIZES, OPTIMIZERS, QUANT_TYPES
 from qlora.errors import UsageError
 from qlora.memory.configs import LINEAR_NAMES, ModelShape, shape_from_config
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-QUANT_TYPES = ("nf4", "fp4", "int4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 ATTENTION = ("sdpa", "eager")
 LOSSES = ("full", "chunked")
 DEVICES = ("cuda", "cpu")
@@ -321,7 +319,7 @@ def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSetting
 
     The sequence length is the recipe's `data.max_length` (the longest a batch can be) and every
     token is counted as a loss target: the plan is for the worst batch the recipe allows. The
-    trainer's loss is chunked (`qlora.loss.CausalLMLoss`) unless `train.loss_chunk_size` is 0.
+    trainer's loss is chunked (`qlora.nn.loss.CausalLMLoss`) unless `train.loss_chunk_size` is 0.
     LoRA targets given as names or a `re:` pattern are matched against each decoder layer's linear
     layer names. `changes` override single fields (e.g. `seq_len=` for a batch actually seen).
     """

@@ -233,7 +233,7 @@ class MemoryTracker:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Context manager for `qlora.train.train(phase=...)`: attributes memory to `name`."""
+        """Context manager for `qlora.training.loop.train(phase=...)`: attributes memory to `name`."""
         self._stack.append(name)
         self.ledger.phase = name
         peak = self.ledger.peaks.setdefault(name, PhasePeak())
@@ -337,7 +337,7 @@ def plan_for_recipe(cfg, device: str = "cpu", **changes):
     import json
 
     from qlora.memory.plan import plan_memory, settings_from_recipe
-    from qlora.model import model_folder
+    from qlora.hf.folder import model_folder
 
     config = json.loads((model_folder(cfg.model.name_or_path) / "config.json").read_text())
     return plan_memory(config, settings_from_recipe(cfg, device, **changes))

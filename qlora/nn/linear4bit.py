@@ -39,6 +39,7 @@ from torch import nn
 
 from qlora.errors import UsageError
 from qlora.quant import QuantState, dequantize_4bit, matmul_4bit, quantize_4bit
+from qlora.quant.format import QuantFormat
 
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -86,6 +87,16 @@ def _dequantize_as(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) 
     return dequantize_4bit(packed, state, out=out)
 
 
+def quantize_format(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, QuantState]:
+    """`quantize_4bit` with the storage fields of `fmt`: (packed codes, state)."""
+    return quantize_4bit(weight, fmt.quant_type, fmt.blocksize, fmt.double_quant, fmt.quant_storage)
+
+
+def _format_of(state: QuantState, storage: torch.dtype, compute_dtype: torch.dtype) -> QuantFormat:
+    """The format a quantised state (+ its packed dtype) is stored in, computed in `compute_dtype`."""
+    return QuantFormat(state.quant_type, state.blocksize, state.state2 is not None, storage, compute_dtype)
+
+
 def _packed_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
     """Shape of the packed codes for `numel` weights: (n+1)//2 bytes viewed as `storage`."""
     itemsize = torch.empty((), dtype=storage).element_size()
@@ -95,66 +106,52 @@ def _packed_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
 class Linear4bit(nn.Module):
     """A linear layer whose weight is frozen in 4 bits (NF4 / FP4 / Int4).
 
-    Build one with `from_linear` (quantise a trained `nn.Linear`), `from_quantized` (wrap packed
-    codes + state, e.g. from a checkpoint), or the constructor, which mirrors `nn.Linear`:
-    on a real device it quantises a freshly initialised weight; on `device="meta"` it builds an
-    empty shell for a loader to fill through `load_state_dict` or `set_quantized`.
+    Build one with `from_linear` (quantise a trained `nn.Linear`), `quantize` (a weight tensor and a
+    `QuantFormat`), `from_quantized` (wrap packed codes + state, e.g. from a checkpoint), or the
+    constructor, which mirrors `nn.Linear`: on a real device it quantises a freshly initialised
+    weight; on `device="meta"` it builds an empty shell for a loader to fill through
+    `load_state_dict` or `set_quantized`.
 
     Args:
         in_features, out_features: the layer's shape; the weight is (out_features, in_features).
         bias: whether the layer has a bias (a parameter in `compute_dtype`, frozen by default).
-        quant_type: "nf4" (default), "fp4" or "int4".
-        blocksize: weights per absmax block (default 64).
-        double_quant: quantise the absmax constants too (8-bit, blocks of 256).
-        compute_dtype: dtype of the matmul; inputs are cast to it and outputs come out in it.
-        quant_storage: dtype the packed bytes are viewed as (uint8; bf16 for FSDP).
+        quant_type, blocksize, double_quant, compute_dtype, quant_storage: the `QuantFormat`
+            fields (nf4, 64, True, bf16, uint8 by default); or pass `fmt` instead.
         device: where to build the layer; "meta" gives an empty shell.
+
+    The format in use is `self.format`; `quant_type`, `blocksize`, ... read from it.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: torch.dtype = torch.bfloat16,
-        quant_storage: torch.dtype = torch.uint8,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                 quant_storage: torch.dtype = torch.uint8, device: torch.device | str | None = None, *,
+                 fmt: QuantFormat | None = None) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or value <= 0:
                 raise UsageError(f"Linear4bit: {name}={value!r}; expected a positive integer")
         self.in_features = in_features
         self.out_features = out_features
-        self.quant_type = quant_type
-        self.blocksize = blocksize
-        self.double_quant = double_quant
-        self.compute_dtype = compute_dtype
-        self.quant_storage = quant_storage
+        self.format = fmt or QuantFormat(quant_type, blocksize, double_quant, quant_storage, compute_dtype)
         self.quant_state: QuantState | None = None
-        shell = torch.empty(
-            _packed_shape(in_features * out_features, quant_storage), dtype=quant_storage, device=device
-        )
+        shell = torch.empty(_packed_shape(in_features * out_features, self.quant_storage),
+                            dtype=self.quant_storage, device=device)
         self.weight = nn.Parameter(shell, requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), False)
-            if bias
-            else None
-        )
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=self.compute_dtype, device=device), False) if bias else None
         if self.weight.device.type != "meta":
             self._init_like_nn_linear()
+
+    quant_type = property(lambda self: self.format.quant_type)
+    blocksize = property(lambda self: self.format.blocksize)
+    double_quant = property(lambda self: self.format.double_quant)
+    compute_dtype = property(lambda self: self.format.compute_dtype)
+    quant_storage = property(lambda self: self.format.quant_storage)
 
     def _init_like_nn_linear(self) -> None:
         """Quantise nn.Linear's default initialisation, so a constructed layer is usable."""
         weight = torch.empty(self.out_features, self.in_features, device=self.weight.device)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        packed, state = quantize_4bit(
-            weight, self.quant_type, self.blocksize, self.double_quant, self.quant_storage
-        )
-        self.set_quantized(packed, state)
+        self.set_quantized(*quantize_format(weight, self.format))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             with torch.no_grad():
@@ -162,69 +159,40 @@ class Linear4bit(nn.Module):
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: torch.dtype = torch.bfloat16,
-        quant_storage: torch.dtype = torch.uint8,
-    ) -> "Linear4bit":
+    def quantize(cls, weight: torch.Tensor, fmt: QuantFormat, bias: torch.Tensor | None = None) -> "Linear4bit":
+        """Quantise a weight (out, in) to `fmt` (kept in its own dtype as `quant_state.dtype`)."""
+        packed, state = quantize_format(weight.detach(), fmt)
+        return cls.from_quantized(packed, state, bias=bias, compute_dtype=fmt.compute_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                    quant_storage: torch.dtype = torch.uint8, *, fmt: QuantFormat | None = None) -> "Linear4bit":
         """Quantise `linear`'s weight (kept in its own dtype as `quant_state.dtype`).
 
         A `linear` on the meta device gives a meta shell with the same configuration. The bias is
         copied in `compute_dtype`. `linear` itself is left untouched.
         """
         if not isinstance(linear, nn.Linear):
-            raise UsageError(
-                f"Linear4bit.from_linear: expected a torch.nn.Linear, got {type(linear).__name__}"
-            )
+            raise UsageError(f"Linear4bit.from_linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        fmt = fmt or QuantFormat(quant_type, blocksize, double_quant, quant_storage, compute_dtype)
         has_bias = linear.bias is not None
-        config = dict(
-            quant_type=quant_type,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            quant_storage=quant_storage,
-        )
-        layer = cls(linear.in_features, linear.out_features, has_bias, device="meta", **config)
         if linear.weight.device.type == "meta":
-            return layer
-        packed, state = quantize_4bit(
-            linear.weight.detach(), quant_type, blocksize, double_quant, quant_storage
-        )
-        bias = linear.bias.detach().to(compute_dtype).clone() if has_bias else None
-        layer.set_quantized(packed, state, bias)
-        return layer
+            return cls(linear.in_features, linear.out_features, has_bias, device="meta", fmt=fmt)
+        bias = linear.bias.detach().to(fmt.compute_dtype).clone() if has_bias else None
+        return cls.quantize(linear.weight, fmt, bias)
 
     @classmethod
-    def from_quantized(
-        cls,
-        packed: torch.Tensor,
-        quant_state: QuantState,
-        bias: torch.Tensor | None = None,
-        compute_dtype: torch.dtype = torch.bfloat16,
-    ) -> "Linear4bit":
+    def from_quantized(cls, packed: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype = torch.bfloat16) -> "Linear4bit":
         """Wrap already-quantised codes and their state (no copy, no re-quantisation)."""
         out_features, in_features = _weight_shape(quant_state, "Linear4bit.from_quantized")
-        layer = cls(
-            in_features,
-            out_features,
-            bias is not None,
-            quant_type=quant_state.quant_type,
-            blocksize=quant_state.blocksize,
-            double_quant=quant_state.state2 is not None,
-            compute_dtype=compute_dtype,
-            quant_storage=packed.dtype,
-            device="meta",
-        )
+        layer = cls(in_features, out_features, bias is not None, device="meta",
+                    fmt=_format_of(quant_state, packed.dtype, compute_dtype))
         layer.set_quantized(packed, quant_state, bias)
         return layer
 
-    def set_quantized(
-        self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None
-    ) -> None:
+    def set_quantized(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None) -> None:
         """Install packed codes + state (and optionally a bias) into this layer, e.g. a meta shell.
 
         The state's shape must be this layer's (out_features, in_features). The packed tensor is
@@ -233,17 +201,12 @@ class Linear4bit(nn.Module):
         where = "Linear4bit.set_quantized"
         expected = (self.out_features, self.in_features)
         if _weight_shape(state, where) != expected:
-            raise UsageError(
-                f"{where}: quant_state.shape={tuple(state.shape)}, expected {expected} "
-                "(out_features, in_features)"
-            )
+            raise UsageError(f"{where}: quant_state.shape={tuple(state.shape)}, expected {expected} "
+                             "(out_features, in_features)")
         _check_packed_size(packed, state, where)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state.to(packed.device)
-        self.quant_type = state.quant_type
-        self.blocksize = state.blocksize
-        self.double_quant = state.state2 is not None
-        self.quant_storage = packed.dtype
+        self.format = _format_of(state, packed.dtype, self.compute_dtype)
         if bias is not None:
             self._set_bias(bias, "bias")
 

@@ -42,7 +42,18 @@ import torch
 from torch import nn
 
 from qlora.errors import UsageError
+from qlora.nn.adapter import Role
 from qlora.nn.linear4bit import Linear4bit
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * B @ A as fp32 (out, in), from A (r, in) and B (out, r) in any dtype."""
+    return (lora_B.detach().float() @ lora_A.detach().float()) * scaling
+
+
+def add_delta(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """round(W + delta) to `dtype` (default W's): the sum in fp32, one rounding."""
+    return (weight.float() + delta).to(dtype or weight.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -93,6 +104,10 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def trainable_parameters(self) -> dict[str, tuple[nn.Parameter, Role]]:
+        """The adapter's trainable tensors and their roles (the `AdapterLayer` protocol)."""
+        return {"lora_A.weight": (self.lora_A.weight, Role.A), "lora_B.weight": (self.lora_B.weight, Role.B)}
+
     @property
     def weight(self) -> torch.Tensor:
         """The base's weight (code that inspects `proj.weight.dtype/device` keeps working)."""
@@ -121,9 +136,7 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A as an fp32 (out_features, in_features) tensor."""
-        a = self.lora_A.weight.detach().float()
-        b = self.lora_B.weight.detach().float()
-        return (b @ a) * self.scaling
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -132,7 +145,7 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled:
             state = "already merged" if self.merged else "disabled (enable() first)"
             raise UsageError(f"LoRALinear.merge: the adapter is {state}")
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        weight.copy_(add_delta(weight, self.delta_weight()))
         self.merged = True
 
     @torch.no_grad()
@@ -141,7 +154,7 @@ class LoRALinear(nn.Module):
         weight = self._mergeable_weight("unmerge")
         if not self.merged:
             raise UsageError("LoRALinear.unmerge: the adapter is not merged")
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        weight.copy_(add_delta(weight, -self.delta_weight()))
         self.merged = False
 
     def _mergeable_weight(self, action: str) -> torch.Tensor:
@@ -171,13 +184,13 @@ class LoRALinear(nn.Module):
             weight = self.base.dequantize()
         else:
             weight = self._mergeable_weight("merged_linear").detach()
-        merged = weight.float() if self.merged else weight.float() + self.delta_weight()
         dtype = dtype or weight.dtype
+        merged = weight.to(dtype) if self.merged else add_delta(weight, self.delta_weight(), dtype)
         bias = getattr(self.base, "bias", None)
         linear = nn.Linear(
             self.in_features, self.out_features, bias is not None, device="meta", dtype=dtype
         )
-        linear.weight = nn.Parameter(merged.to(dtype))
+        linear.weight = nn.Parameter(merged)
         if bias is not None:
             linear.bias = nn.Parameter(bias.detach().to(dtype).clone())
         return linear

@@ -1,13 +1,9 @@
 """Public 4-bit API: `quantize_4bit`, `dequantize_4bit`, `matmul_4bit`.
 
-Each call validates its input, then dispatches: on CPU to the native kernels in
-`qlora.quant.native` when they built (OpenMP + AVX-512 C, compiled at first use), otherwise to the
-pure-PyTorch reference in `qlora.quant.reference`, which runs on any device and is the oracle the
-fast path is tested against. Both produce bitsandbytes' format bit for bit; bitsandbytes itself is
-never imported here.
-
-Double quantisation is always done in PyTorch: the absmax vector is 64x smaller than the weight,
-so its cost does not matter, and one implementation keeps it exact.
+Each call validates its input, then hands flat tensors to the kernel backend that
+`qlora.quant.backends.select` picks for the tensor's device (native C on CPU, Triton on CUDA, the
+pure-PyTorch reference elsewhere; `QLORA_BACKEND` forces one). Every backend produces
+bitsandbytes' format bit for bit; bitsandbytes itself is never imported here.
 """
 
 from __future__ import annotations
@@ -15,23 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlora.quant import reference
-from qlora.quant.codebooks import QUANT_TYPES, codebook, dynamic_map, sorted_bounds
+from qlora.choices import BLOCKSIZES, QUANT_TYPES
+from qlora.quant import backends, reference
+from qlora.quant.codebooks import codebook, dynamic_map
+from qlora.quant.format import COMPUTE_DTYPES as FLOAT_DTYPES
+from qlora.quant.format import STORAGE_DTYPES
 from qlora.quant.state import NestedState, QuantState
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STORAGE_DTYPES = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32)
 GEMV_MAX_ROWS = 8  # up to this many input rows, matmul reads the packed weight directly (decode)
-
-
-def _native():
-    """The native CPU kernel module, or None when it is disabled or did not build."""
-    try:
-        from qlora.quant import native
-    except ImportError:
-        return None
-    return native if native.available() else None
 
 
 def _check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype,
@@ -62,20 +49,14 @@ def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     Returns `packed`, shape ((n+1)//2 bytes viewed as `quant_storage`, 1), and the `QuantState`
     (fp32 absmax per block, or their 8-bit codes + nested scales with `double_quant`).
     """
-    native = _native() if x.device.type == "cpu" else None
-    _check_quantize_args(x, quant_type, blocksize, quant_storage, check_finite=native is None)  # native checks itself
+    kernels = backends.select(x.device)
+    _check_quantize_args(x, quant_type, blocksize, quant_storage, check_finite=not kernels.checks_finite)
     n = x.numel()
     n_bytes = (n + 1) // 2
     if n_bytes % torch.empty((), dtype=quant_storage).element_size():
         raise ValueError(f"{n_bytes} packed bytes cannot be viewed as {quant_storage}; "
                          f"use quant_storage=torch.uint8 for tensors with {n} elements")
-    if native is not None:
-        bounds, order = sorted_bounds(quant_type)
-        packed = torch.empty(n_bytes, dtype=torch.uint8)
-        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-        native.quantize_4bit(x.contiguous().reshape(-1), blocksize, bounds, order, packed, absmax)
-    else:
-        packed, absmax = reference.quantize_4bit_blocks(x, blocksize, quant_type)
+    packed, absmax = kernels.quantize(x.contiguous().reshape(-1), blocksize, quant_type)
 
     state2 = None
     if double_quant:
@@ -89,14 +70,7 @@ def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
 
 def block_scales(state: QuantState) -> torch.Tensor:
     """fp32 absmax per block, decoding the double quantisation if present."""
-    if state.state2 is None:
-        return state.absmax.float()
-    s = state.state2
-    native = _native() if state.absmax.device.type == "cpu" else None
-    if native is not None:
-        out = torch.empty(state.absmax.numel(), dtype=torch.float32)
-        return native.dequantize_8bit(state.absmax, s.code.float(), s.absmax, s.blocksize, float(s.offset), out)
-    return reference.double_dequantize(state.absmax, s.absmax, s.code, s.offset, s.blocksize)
+    return backends.select(state.absmax.device).scales(state)
 
 
 def _packed_bytes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
@@ -122,43 +96,19 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: torch.Tensor |
     elif out.numel() != state.numel or out.dtype not in FLOAT_DTYPES:
         raise ValueError(f"out must be a float tensor with {state.numel} elements, "
                          f"got shape {tuple(out.shape)} dtype {out.dtype}")
-    scales = block_scales(state)
-    native = _native() if data.device.type == "cpu" and out.is_contiguous() else None
-    if native is not None:
-        native.dequantize_4bit(data, scales, state.code.float(), state.blocksize, out.view(-1))
-    else:
-        _dequantize_in_chunks(data, scales, state, out)
-    return out.view(state.shape)
-
-
-REFERENCE_CHUNK = 1 << 22  # elements per reference-kernel pass
-
-
-def _dequantize_in_chunks(data: torch.Tensor, scales: torch.Tensor, state: QuantState, out: torch.Tensor) -> None:
-    """Reference dequantisation, a few million elements at a time.
-
-    Note: dequantise in chunks. The reference kernel's temporaries (int64 codes, fp32 values and
-    scales: ~20 bytes per element) would otherwise be 10x the bf16 output for a large weight, on
-    the GPU too; chunks that are whole blocks and whole bytes bound them to ~80 MB.
-    """
-    n, blocksize = state.numel, state.blocksize
-    step = max(2 * blocksize, REFERENCE_CHUNK - REFERENCE_CHUNK % (2 * blocksize))
-    target = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        target[start:stop] = reference.dequantize_4bit_blocks(
-            data[start // 2:(stop + 1) // 2], scales[start // blocksize:-(-stop // blocksize)], state.code,
-            blocksize, stop - start, out.dtype)
+    target = out.view(-1) if out.is_contiguous() else torch.empty(state.numel, dtype=out.dtype, device=out.device)
+    backends.select(data.device).dequantize(data, state, target)
     if target.data_ptr() != out.data_ptr():
         out.copy_(target.view(out.shape))
+    return out if out.shape == state.shape else out.view(state.shape)
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for a 4-bit W of shape (out_features, in_features), in x's dtype.
 
-    For a few rows on CPU (token-by-token decoding) the native kernel reads the packed weight
-    directly and never materialises W; otherwise W is dequantised once into x's dtype.
+    For a few rows (token-by-token decoding) a backend with a matvec (native, triton) reads the
+    packed weight directly and never materialises W; otherwise W is dequantised once into x's dtype.
     """
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D weight state, got shape {tuple(state.shape)}")
@@ -166,12 +116,10 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {n_in}")
     rows = x.numel() // n_in
-    native = _native() if x.device.type == "cpu" else None
-    if native is not None and rows <= GEMV_MAX_ROWS and x.dtype in FLOAT_DTYPES:
-        x2 = x.reshape(rows, n_in).contiguous()
-        y = torch.empty(rows, n_out, dtype=x.dtype)
-        native.gemv_4bit(x2, _packed_bytes(packed, state), block_scales(state), state.code.float(),
-                         state.blocksize, n_out, n_in, y)
+    kernels = backends.select(x.device)
+    if kernels.gemv is not None and rows <= GEMV_MAX_ROWS and x.dtype in FLOAT_DTYPES:
+        y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+        kernels.gemv(x.reshape(rows, n_in).contiguous(), _packed_bytes(packed, state), state, y)
         y = y.reshape(*x.shape[:-1], n_out)
         return y if bias is None else y + bias.to(y.dtype)
     weight = dequantize_4bit(packed, state, out=torch.empty(state.shape, dtype=x.dtype, device=x.device))

@@ -31,8 +31,9 @@ import functools
 
 import torch
 
+from qlora.choices import QUANT_TYPES
+
 NF4_OFFSET = 0.9677083
-QUANT_TYPES = ("nf4", "fp4", "int4")
 
 
 def normal_float_levels(offset: float = NF4_OFFSET) -> torch.Tensor:

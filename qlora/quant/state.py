@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_NAME_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+from qlora.dtypes import from_hf_name, hf_name
+
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
@@ -83,7 +83,7 @@ class QuantState:
         meta: dict = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES[self.dtype],
+            "dtype": hf_name(self.dtype),
             "shape": list(self.shape),
         }
         tensors = {"absmax": self.absmax, "quant_map": self.code}
@@ -111,8 +111,10 @@ class QuantState:
             missing += [prefix + k for k in ("nested_absmax", "nested_quant_map") if prefix + k not in tensors]
         if missing:
             raise ValueError(f"quantisation state is missing {missing}")
-        if meta.get("dtype") not in _NAME_DTYPES:
-            raise ValueError(f"{meta_keys[0]}: dtype {meta.get('dtype')!r} is not one of {sorted(_NAME_DTYPES)}")
+        try:
+            dtype = from_hf_name(meta.get("dtype"))
+        except ValueError as err:
+            raise ValueError(f"{meta_keys[0]}: {err}") from None
 
         def get(key: str) -> torch.Tensor:
             t = tensors[prefix + key]
@@ -123,7 +125,7 @@ class QuantState:
             offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
                                   device=get("nested_absmax").device)
             state2 = NestedState(get("nested_absmax"), get("nested_quant_map"), offset, int(meta["nested_blocksize"]))
-        return cls(absmax=get("absmax"), shape=torch.Size(meta["shape"]), dtype=_NAME_DTYPES[meta["dtype"]],
+        return cls(absmax=get("absmax"), shape=torch.Size(meta["shape"]), dtype=dtype,
                    blocksize=int(meta["blocksize"]), quant_type=meta["quant_type"], code=get("quant_map"),
                    state2=state2)
 

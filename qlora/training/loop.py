@@ -31,18 +31,21 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from qlora import runtime
-from qlora.adapter import save_adapter
-from qlora.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from qlora.adapters.peft_format import save_adapter
+from qlora.adapters.surgery import trainable_summary
 from qlora.config import RecipeConfig, save_recipe
-from qlora.data import make_dataloaders, split_sources
+from qlora.data import make_dataloaders, prompt_of, split_sources
 from qlora.errors import UsageError
-from qlora.generate import before_after, first_user_turn
-from qlora.loss import CausalLMLoss
-from qlora.metrics import MetricsLogger
-from qlora.model import load_model, load_tokenizer
-from qlora.surgery import apply_lora, prepare_for_training, trainable_summary
-from qlora.optim import build_optimizer, build_scheduler, clip_gradients
+from qlora.hf.folder import load_tokenizer
+from qlora.inference.evaluate import evaluate
+from qlora.inference.generate import before_after
+from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
+from qlora.run_dir import RunDir
+from qlora.training.build import build_model, prepare_run_dir
+from qlora.training.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from qlora.training.metrics import MetricsLogger
+from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
 
 log = logging.getLogger("qlora")
 
@@ -51,75 +54,6 @@ log = logging.getLogger("qlora")
 class Progress:
     step: int = 0  # optimiser steps done
     tokens: int = 0  # input tokens seen (all processes)
-
-
-def load_base_model(cfg: RecipeConfig, device: torch.device) -> nn.Module:
-    """The recipe's base model, 4-bit per `cfg.quant` (or 16-bit with quant.enabled=false)."""
-    q = cfg.quant
-    return load_model(cfg.model.name_or_path, quantize=q.enabled, quant_type=q.quant_type, blocksize=q.blocksize,
-                      double_quant=q.double_quant,
-                      quant_storage=torch.bfloat16 if q.quant_storage == "bf16" else torch.uint8,
-                      compute_dtype=runtime.resolve_dtype(cfg.model.dtype), skip_modules=tuple(q.skip_modules),
-                      trust_remote_code=cfg.model.trust_remote_code, device=device)
-
-
-def build_model(cfg: RecipeConfig, rt: runtime.Runtime) -> nn.Module:
-    """The 4-bit (or 16-bit with quant.enabled=false) base with LoRA adapters, ready to train."""
-    model = load_base_model(cfg, rt.device)
-    lc = cfg.lora
-    apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.targets, lc.use_rslora, runtime.resolve_dtype(lc.dtype))
-    return prepare_for_training(model, cfg.train.gradient_checkpointing)
-
-
-def adapter_kwargs(cfg: RecipeConfig) -> dict:
-    lc = cfg.lora
-    return {"base_model_name_or_path": cfg.model.name_or_path, "r": lc.r, "alpha": lc.alpha,
-            "dropout": lc.dropout, "targets": lc.targets, "use_rslora": lc.use_rslora}
-
-
-@torch.no_grad()
-def evaluate(loss_fn: nn.Module, loader, rt: runtime.Runtime, max_batches: int | None = None) -> dict:
-    """Mean token loss and perplexity over the eval loader on all processes.
-
-    `max_batches` caps the micro-batches in total (split over the processes, which take
-    alternate batches), so the same batches are evaluated whatever the number of processes.
-    """
-    if max_batches is not None:
-        max_batches = -(-max_batches // rt.world_size)
-    loader.batch_sampler.load_state_dict({"epoch": 0, "index": 0})  # always the same batches, from the start
-    was_training = loss_fn.training
-    loss_fn.eval()
-    total, count = 0.0, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        loss_sum, n = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
-        total, count = total + float(loss_sum), count + int(n)
-    loss_fn.train(was_training)
-    total, count = runtime.all_reduce_sum([total, count], rt)
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
-
-
-RUN_MARKERS = ("recipe.yaml", "metrics.jsonl")  # files that make a folder a qlora run folder
-
-
-def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> tuple[Path, bool]:
-    """Check the output folder; returns (folder, whether an old run there must be cleared first)."""
-    run_dir = Path(cfg.output.dir)
-    if resume:
-        if latest_checkpoint(run_dir) is None:
-            raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-        return run_dir, False
-    if not (run_dir.exists() and any(run_dir.iterdir())):
-        return run_dir, False
-    if not cfg.output.overwrite:
-        raise UsageError(f"output.dir {str(run_dir)!r} already exists; pass --overwrite "
-                         "(or output.overwrite=true), --resume, or choose another output.dir")
-    if not any((run_dir / name).exists() for name in RUN_MARKERS):
-        raise UsageError(f"output.dir {str(run_dir)!r} is not empty and holds no qlora run "
-                         f"({' / '.join(RUN_MARKERS)}); refusing to delete it with --overwrite")
-    return run_dir, True
 
 
 def _micro_batches(loader):
@@ -135,7 +69,7 @@ def _micro_batches(loader):
 
 def _sample_prompts(cfg: RecipeConfig, k: int) -> list[str]:
     _, _, _, eval_rows = split_sources(cfg.data)
-    return [p for row in eval_rows if (p := first_user_turn(row))][:k]
+    return [p for row in eval_rows if (p := prompt_of(row))][:k]
 
 
 def no_phases(name: str) -> contextlib.AbstractContextManager:
@@ -187,7 +121,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
         if clear_old_run:  # only now that the model and data loaded: a failed start keeps the old run
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(cfg, run_dir / "recipe.yaml")
+        save_recipe(cfg, RunDir(run_dir).recipe)
     metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main)
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"
@@ -249,7 +183,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
                 state = {"optimizer": to_local(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                          "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
                          "progress": {"step": progress.step, "tokens": progress.tokens}}
-                save_checkpoint(run_dir, progress.step, model, adapter_kwargs(cfg), state, rt)
+                save_checkpoint(run_dir, progress.step, model, cfg.lora.spec(), cfg.model.name_or_path, state, rt)
     bar.close()
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
@@ -264,8 +198,8 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
         metrics.log({"step": progress.step, **summary["eval_after"]})
     with phase("save"), full_parameters(loss_fn):
         if rt.is_main:
-            save_adapter(model, run_dir / "adapter", **adapter_kwargs(cfg))
-            summary["adapter"] = str(run_dir / "adapter")
+            save_adapter(model, RunDir(run_dir).adapter, cfg.lora.spec(), cfg.model.name_or_path)
+            summary["adapter"] = str(RunDir(run_dir).adapter)
     if prompts:
         summary["samples"] = before_after(model, tokenizer, prompts)
     if rt.is_main:
@@ -276,10 +210,10 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
 
 def _plot(run_dir: Path) -> str | None:
     """Loss curves as run_dir/loss.png when matplotlib is installed (it is optional)."""
-    from qlora.plot import MatplotlibMissing, plot_loss_curves
+    from qlora.reports.plot import MatplotlibMissing, plot_loss_curves
 
     try:
-        return str(plot_loss_curves(run_dir, run_dir / "loss.png"))
+        return str(plot_loss_curves(run_dir, RunDir(run_dir).loss_plot))
     except MatplotlibMissing:
         return None
 

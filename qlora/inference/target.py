@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from qlora.config import RecipeConfig, apply_override, load_recipe, recipe_from_dict
 from qlora.errors import UsageError
+from qlora.run_dir import RunDir
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -37,11 +37,11 @@ class Target:
 
 
 def resolve_target(target: str, overrides: list[str], adapter: str | None = None, base_only: bool = False) -> Target:
-    path = Path(target)
+    path, run = Path(target), RunDir(target)
     run_adapter = None
-    if path.is_dir() and (path / "recipe.yaml").is_file():
-        cfg = load_recipe(path / "recipe.yaml", overrides)
-        run_adapter = path / "adapter" if (path / "adapter").is_dir() else None
+    if path.is_dir() and run.recipe.is_file():
+        cfg = load_recipe(run.recipe, overrides)
+        run_adapter = run.adapter if run.adapter.is_dir() else None
     elif path.suffix in (".yaml", ".yml"):
         cfg = load_recipe(path, overrides)
     else:
@@ -57,14 +57,13 @@ def resolve_target(target: str, overrides: list[str], adapter: str | None = None
 
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer), with the adapter applied when there is one."""
-    from qlora import runtime
-    from qlora.adapter import load_adapter
-    from qlora.model import load_tokenizer
-    from qlora.train import load_base_model
+    from qlora.adapters.peft_format import load_adapter
+    from qlora.hf.folder import load_tokenizer
+    from qlora.hf.load import load_base_model
 
     cfg = target.cfg
     model = load_base_model(cfg, device)
     if target.adapter is not None:
-        load_adapter(model, target.adapter, dtype=runtime.resolve_dtype(cfg.lora.dtype))
+        load_adapter(model, target.adapter, dtype=cfg.lora.dtype)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     return model.eval(), tokenizer

@@ -20,28 +20,30 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qlora.adapter import WEIGHTS_FILE, load_lora_weights, save_adapter
+from qlora.adapters.peft_format import WEIGHTS_FILE, load_adapter_weights, save_adapter
+from qlora.adapters.spec import LoraSpec
 from qlora.errors import UsageError
-from qlora.export import atomic_folder
+from qlora.io import atomic_folder
+from qlora.run_dir import ADAPTER, CHECKPOINTS
 
 STATE_FILE = "trainer_state.rank{rank}.pt"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:06d}"
+    return run_dir / CHECKPOINTS / f"step-{step:06d}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    folder = run_dir / "checkpoints"
+    folder = run_dir / CHECKPOINTS
     found = [(int(m.group(1)), p) for p in folder.glob("step-*")
              if (m := _STEP_DIR.search(p.name)) and (p / STATE_FILE.format(rank=0)).is_file()] if folder.is_dir() else []
     return max(found)[1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, adapter_kwargs: dict, rank_state: dict,
-                    rt, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, spec: LoraSpec, base_model: str,
+                    rank_state: dict, rt, keep: int = 2) -> Path:
     """Write checkpoint `step` atomically (every process calls this) and keep the newest `keep`.
 
     Rank 0 builds the folder under a temporary name and tells the others where it is; each process
@@ -58,8 +60,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, adapter_kwargs: 
         _exchange_path(str(tmp), rt)
         torch.save(rank_state, tmp / STATE_FILE.format(rank=0))
         _barrier(rt)
-        save_adapter(model, tmp / "adapter", **adapter_kwargs)
-    older = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p != final)
+        save_adapter(model, tmp / ADAPTER, spec, base_model)
+    older = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p != final)
     for stale in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     _barrier(rt)
@@ -112,6 +114,6 @@ def load_checkpoint(path: Path, model: nn.Module, rank: int = 0, world_size: int
     if written != world_size:
         raise UsageError(f"checkpoint {path} was written by {written} process(es); resume it with "
                          f"{written}, not {world_size}")
-    weights = path / "adapter" / WEIGHTS_FILE
-    load_lora_weights(model, load_file(weights), weights)
+    weights = path / ADAPTER / WEIGHTS_FILE
+    load_adapter_weights(model, load_file(weights), weights)
     return torch.load(path / STATE_FILE.format(rank=rank), weights_only=True)

@@ -20,119 +20,30 @@ with an extra ``model.`` prefix), GPT-2's ``Conv1D`` (weight stored (in, out): c
 ``quantization_config`` with ``load_in_4bit``): their packed weights and states load as they are,
 without re-quantising. Only safetensors are read; pickle checkpoints are refused.
 
-The module filters used for quantisation and for LoRA are ``(module, fqn) -> bool`` functions, applied
-by one post-order swap (``qlora.surgery.swap_modules``).
+The 4-bit format is one ``QuantFormat`` value; module filters are ``(module, fqn) -> bool`` functions
+applied by one post-order swap (``qlora.nn.swap.swap_modules``), and ``skip_modules`` names modules by
+the rule of ``qlora.nn.swap.name_matches``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from qlora.embedded import EMBEDDED_MODELS, resolve_model
 from qlora.errors import UsageError
+from qlora.hf.files import weight_files
+from qlora.hf.folder import bnb_4bit_config, load_config, model_folder, tied_output_name
 from qlora.nn import Linear4bit
-from qlora.quant import QuantState, quantize_4bit
-from qlora.surgery import swap_modules
+from qlora.nn.swap import name_matches, swap_modules
+from qlora.quant import QuantState
+from qlora.quant.format import QuantFormat
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-# ================================================================================ locating files
-
-
-def model_folder(name_or_path: str | Path) -> Path:
-    """A local folder for a built-in name, a folder path, or a hub id already in the local HF cache."""
-    resolved = Path(resolve_model(name_or_path)).expanduser()
-    if resolved.is_dir():
-        return resolved
-    name = str(name_or_path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not resolved.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-            return Path(snapshot_download(name, allow_patterns=patterns))
-        except Exception as err:  # offline, unknown repo, no network: one message for all
-            raise UsageError(f"model {name!r}: not a local folder and not downloadable ({err})") from err
-    raise UsageError(
-        f"model {name!r}: no such folder; expected a Hugging Face model folder (config.json + "
-        f"*.safetensors), a hub id, or a built-in name ({', '.join(EMBEDDED_MODELS)})"
-    )
-
-
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Map every checkpoint key to its safetensors file (honouring a sharded folder's index)."""
-    index = folder / SAFE_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise UsageError(f"{index}: not a safetensors index (needs a 'weight_map'): {err}") from err
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise UsageError(f"{index} names shard files that do not exist: {missing}")
-        return {key: folder / f for key, f in weight_map.items()}
-    single = folder / SAFE_WEIGHTS
-    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise UsageError(
-                f"{folder}: only pickle checkpoints found ({', '.join(pickles)}); qlora loads "
-                "safetensors only, since unpickling can run arbitrary code. Convert them to "
-                "safetensors first (e.g. transformers' save_pretrained(safe_serialization=True))"
-            )
-        raise UsageError(f"{folder}: no {SAFE_WEIGHTS}, {SAFE_INDEX} or *.safetensors file")
-    return {key: f for f in files for key in _safetensors_keys(f)}
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as err:
-        raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
-
-
-def load_config(folder: Path, trust_remote_code: bool = False):
-    """The model's transformers config, with a clear error for a missing or unreadable config.json."""
-    from transformers import AutoConfig
-
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{folder}: no config.json; expected a Hugging Face model folder")
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise UsageError(f"{folder / 'config.json'}: cannot be read as a transformers config ({err})") from err
-
-
-def bnb_4bit_config(config) -> dict | None:
-    """The config's bitsandbytes 4-bit ``quantization_config`` as a dict, or None."""
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit"):
-        return qc
-    raise UsageError(
-        f"quantization_config {qc.get('quant_method')!r} (load_in_4bit={qc.get('load_in_4bit')}) is "
-        "not supported; qlora loads unquantised folders or bitsandbytes 4-bit ones"
-    )
-
-
-# ================================================================================ the empty model
-
+if TYPE_CHECKING:
+    from qlora.config import RecipeConfig
 
 def _empty_model(config, compute_dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """The architecture with parameters on meta and buffers computed for real (see module docstring)."""
@@ -162,21 +73,6 @@ def _conv1d_to_linear(model: nn.Module) -> None:
         return nn.Linear(n_in, n_out, bias=conv.bias is not None, device="meta", dtype=conv.weight.dtype)
 
     model.qlora_conv1d = swap_modules(model, lambda m, _: isinstance(m, Conv1D), build)
-
-
-def tied_output_name(model: nn.Module) -> str | None:
-    """The fqn of the output projection (lm_head) when it is tied to the input embedding."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not getattr(config, "tie_word_embeddings", False):
-        return None
-    return next(name for name, module in model.named_modules() if module is head)
-
-
-def name_matches(fqn: str, names: Iterable[str]) -> bool:
-    """True when one of ``names`` is a run of whole dotted components of ``fqn`` ("lm_head",
-    "mlp.down_proj", "model.layers.0")."""
-    return any(f".{name}." in f".{fqn}." for name in names)
 
 
 # ================================================================================ streaming
@@ -300,29 +196,11 @@ def _load_prequantised(model, ckpt, names, owner, bias, compute_dtype, device) -
 # ================================================================================ public: load
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer of a model folder, hub id or built-in name (a pad token is set to eos if absent)."""
-    from transformers import AutoTokenizer
-
-    folder = model_folder(name_or_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise UsageError(f"{folder}: cannot load a tokenizer ({err})") from err
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def load_model(
     name_or_path: str | Path,
     *,
-    quantize: bool = True,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    quant_storage: torch.dtype = torch.uint8,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    quant: QuantFormat | None = QuantFormat(),
+    dtype: torch.dtype | None = None,
     skip_modules: Sequence[str] = ("lm_head",),
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
@@ -332,19 +210,19 @@ def load_model(
     Args:
         name_or_path: a model folder, a hub id in the local cache, or a built-in name
             ("smollm2-135m", "tiny-llama").
-        quantize: False loads everything in ``compute_dtype`` (16-bit LoRA, merging).
-        quant_type, blocksize, double_quant, quant_storage: the 4-bit format (see ``qlora.quant``).
-        compute_dtype: dtype of the matmuls and of every unquantised parameter (embeddings, norms,
-            lm_head).
-        skip_modules: module names kept unquantised; an entry matches whole dotted components of a
-            module's name (like transformers' ``llm_int8_skip_modules``). A tied lm_head is never
-            quantised.
+        quant: the 4-bit format of the quantised linears (its ``compute_dtype`` is theirs), or
+            None to load everything in ``dtype`` (16-bit LoRA, merging).
+        dtype: dtype of every unquantised parameter (embeddings, norms, lm_head); defaults to
+            ``quant.compute_dtype`` (bf16 without ``quant``).
+        skip_modules: module names kept unquantised (``qlora.nn.swap.name_matches``). A tied
+            lm_head is never quantised.
         device: where the model ends up; tensors are moved there (and quantised there) one by one.
 
     A folder whose config.json carries a bitsandbytes 4-bit ``quantization_config`` loads as it is
-    stored (``quantize`` and the format arguments are then ignored).
+    stored (``quant`` is then ignored).
     Returns the transformers model in eval mode, with ``model.qlora_conv1d`` as described above.
     """
+    compute_dtype = dtype or (quant.compute_dtype if quant is not None else torch.bfloat16)
     folder = model_folder(name_or_path)
     config = load_config(folder, trust_remote_code)
     stored_4bit = bnb_4bit_config(config)
@@ -364,11 +242,10 @@ def load_model(
         )
     linears = {fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn != tied_head}
     prequantised = {f for f in linears if any(k.startswith(names[f"{f}.weight"] + ".quant_state.") for k in files)}
-    quantise = set() if stored_4bit or not quantize else {f for f in linears if not name_matches(f, skip_modules)}
+    quantise = set() if stored_4bit or quant is None else {f for f in linears if not name_matches(f, skip_modules)}
 
     def make_4bit(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit:
-        packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant, quant_storage)
-        return Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype)
+        return Linear4bit.quantize(weight, quant, bias)
 
     with ExitStack() as stack:
         ckpt = _Checkpoint(files, stack)
@@ -389,3 +266,13 @@ def _finish(model: nn.Module, device: torch.device) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise UsageError(f"after loading, {len(left)} tensor(s) have no value (still on meta): {left[:8]}")
+
+
+def load_base_model(cfg: "RecipeConfig", device: torch.device) -> nn.Module:
+    """The recipe's base model: 4-bit per `cfg.quant` (16-bit with quant.enabled=false), in `cfg.model.dtype`."""
+    from qlora.dtypes import torch_dtype
+
+    m = cfg.model
+    fmt = cfg.quant.format(m.dtype) if cfg.quant.enabled else None
+    return load_model(m.name_or_path, quant=fmt, dtype=torch_dtype(m.dtype), skip_modules=tuple(cfg.quant.skip_modules),
+                      trust_remote_code=m.trust_remote_code, device=device)

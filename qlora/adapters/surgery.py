@@ -1,62 +1,50 @@
-"""Model surgery after loading: swap modules, attach LoRA, count parameters, prepare to train.
+"""Attaching adapters to a loaded model, counting parameters, and preparing it to train.
 
-All changes to a loaded model go through one post-order swap (`swap_modules`) driven by a
-`(module, fqn) -> bool` filter: children are visited before their parent, so a replaced module is
-never visited again, and the filter sees full dotted names as PEFT and transformers print them.
+Every structural change goes through `qlora.nn.swap.swap_modules`; target names follow the one
+rule of `qlora.nn.swap.name_matches`. What is trainable afterwards is exactly what the adapter
+layers declare (`trainable_parameters()`, the `AdapterLayer` protocol), never a guess from names.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from qlora.adapters.spec import LoraSpec
+from qlora.dtypes import torch_dtype
 from qlora.errors import UsageError
 from qlora.nn import Linear4bit, LoRALinear
+from qlora.nn.adapter import adapter_layers
+from qlora.nn.swap import ModuleFilter, name_matches, swap_modules
 
-ModuleFilter = Callable[[nn.Module, str], bool]
 LINEAR_LIKE = (nn.Linear, Linear4bit)
 
 
-def swap_modules(model: nn.Module, keep: ModuleFilter, build: Callable[[nn.Module], nn.Module]) -> list[str]:
-    """Replace, children first, every module with ``keep(module, fqn)`` by ``build(module)``.
-
-    New modules are not visited again. Returns the replaced fully qualified names, in model order.
-    """
-    swapped: list[str] = []
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
-            fqn = f"{prefix}{name}"
-            visit(child, fqn + ".")
-            if keep(child, fqn):
-                setattr(parent, name, build(child))
-                swapped.append(fqn)
-
-    visit(model, "")
-    return swapped
-
 def lora_filter(model: nn.Module, targets: str | Sequence[str]) -> ModuleFilter:
-    """The ``(module, fqn) -> bool`` filter for LoRA targets, as PEFT reads ``target_modules``.
+    """The ``(module, fqn) -> bool`` filter for LoRA targets.
 
     ``"all-linear"``: every nn.Linear / Linear4bit except the output projection (lm_head);
     ``"re:<regex>"``: linear-like modules whose full name matches the regex (``re.fullmatch``);
-    a list of names: linear-like modules whose name equals an entry or ends with ``"." + entry``.
-    Each named entry (and the regex) must match at least one module.
+    a list of names: linear-like modules selected by ``name_matches`` (``q_proj``, ``mlp.up_proj``).
+    Each named entry (and the regex) must match at least one module. Modules inside an adapter
+    layer (its base, its A and B) are never targets.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = {fqn: m for fqn, m in model.named_modules() if isinstance(m, LINEAR_LIKE) and ".lora_" not in f".{fqn}"}
+    inside = tuple(f"{fqn}." for fqn in adapter_layers(model))
+    linear = {fqn: m for fqn, m in model.named_modules()
+              if isinstance(m, LINEAR_LIKE) and not (inside and fqn.startswith(inside))}
     if targets == "all-linear":
         return lambda m, fqn: fqn in linear and m is not head
     if isinstance(targets, str) and targets.startswith("re:"):
-        pattern = re.compile(targets[3:])
+        pattern = _compile(targets)
         tests = {targets: lambda fqn: pattern.fullmatch(fqn) is not None}
     elif isinstance(targets, str):
         raise UsageError(f"lora targets={targets!r}; expected 'all-linear', 're:<regex>' or a list of module names")
     else:
-        tests = {t: (lambda fqn, t=t: fqn == t or fqn.endswith("." + t)) for t in targets}
+        tests = {t: (lambda fqn, t=t: name_matches(fqn, (t,))) for t in targets}
     for target, test in tests.items():
         if not any(test(fqn) for fqn in linear):
             leaves = sorted({fqn.rpartition(".")[2] for fqn in linear})
@@ -64,23 +52,26 @@ def lora_filter(model: nn.Module, targets: str | Sequence[str]) -> ModuleFilter:
     return lambda m, fqn: fqn in linear and any(test(fqn) for test in tests.values())
 
 
-def apply_lora(
-    model: nn.Module,
-    r: int,
-    alpha: float,
-    dropout: float = 0.0,
-    targets: str | Sequence[str] = "all-linear",
-    use_rslora: bool = False,
-    dtype: torch.dtype = torch.bfloat16,
-) -> list[str]:
-    """Wrap the target linear modules in ``LoRALinear`` and freeze everything but the adapters.
+def _compile(targets: str) -> re.Pattern:
+    try:
+        return re.compile(targets[3:])
+    except re.error as err:
+        raise UsageError(f"lora targets={targets!r}: not a valid regular expression ({err})") from None
 
-    Returns the wrapped modules' full names. See ``lora_filter`` for ``targets``.
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Wrap the target linear modules in ``LoRALinear`` per ``spec``; freeze all but the adapters.
+
+    Returns the wrapped modules' full names. See ``lora_filter`` for ``spec.targets``.
     """
-    keep = lora_filter(model, targets)
-    wrapped = swap_modules(model, keep, lambda m: LoRALinear(m, r, alpha, dropout, use_rslora, dtype))
-    for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    keep = lora_filter(model, spec.targets)
+    dtype = torch_dtype(spec.dtype)
+    wrapped = swap_modules(model, keep, lambda m: LoRALinear(m, spec.r, spec.alpha, spec.dropout,
+                                                             spec.use_rslora, dtype))
+    model.requires_grad_(False)
+    for layer in adapter_layers(model).values():
+        for param, _ in layer.trainable_parameters().values():
+            param.requires_grad_(True)
     return wrapped
 
 

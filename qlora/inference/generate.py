@@ -13,20 +13,20 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from qlora.nn import LoRALinear
+from qlora.nn.adapter import adapter_layers
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the base model: every LoRALinear skips its adapter inside the block."""
-    modules = [m for m in model.modules() if isinstance(m, LoRALinear) and not m.disabled]
-    for m in modules:
-        m.disable()
+    """Run the base model: every adapter layer skips its update inside the block."""
+    layers = [m for m in adapter_layers(model).values() if not m.disabled]
+    for m in layers:
+        m.disabled = True
     try:
         yield
     finally:
-        for m in modules:
-            m.enable()
+        for m in layers:
+            m.disabled = False
 
 
 def render_chat(tokenizer, messages: list[dict], chat: bool = True) -> str:
@@ -63,17 +63,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[dict], *, max_new_t
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def first_user_turn(row: dict) -> str | None:
-    """The prompt part of a data row of any supported format (None when it has none)."""
-    if isinstance(row.get("messages"), list):
-        turns = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-        return turns[0] if turns and isinstance(turns[0], str) else None
-    for key in ("instruction", "input", "prompt"):
-        if isinstance(row.get(key), str) and row[key].strip():
-            return row[key]
-    return None
 
 
 def before_after(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[dict]:

@@ -8,9 +8,10 @@ on the CPU the un-paged bitsandbytes class is used and that is logged once, here
 bitsandbytes warning on its own. bitsandbytes is imported only when a bitsandbytes optimiser is
 built (its import costs seconds).
 
-Parameter groups: weight decay goes to LoRA matrices only (names containing `lora_`), never to
-biases or norms; LoRA+ gives B matrices (names containing `lora_B`) the learning rate
-`lr * lora_plus_ratio` (Hayou et al. 2024: B should learn faster than A). Groups carry a `name`.
+Parameter groups come from the roles adapter layers give their tensors (`qlora.nn.adapter.Role`),
+never from names: weight decay goes to the low-rank factors only (Role.A / Role.B), never to
+magnitudes, biases or norms; LoRA+ gives Role.B the learning rate `lr * lora_plus_ratio` (Hayou et
+al. 2024: B should learn faster than A). Groups carry a `name`.
 
 Schedule (`build_scheduler`): LambdaLR with a multiplier of the group's base lr, s = completed steps:
   warmup   s < W:  (s + 1) / W               (the first step already moves; step W-1 is at full lr)
@@ -24,18 +25,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qlora.choices import OPTIMIZERS
 from qlora.config import OptimConfig
 from qlora.errors import UsageError
+from qlora.nn.adapter import Role, trainable_with_roles
 
 log = logging.getLogger(__name__)
 
-NamedParams = Iterable[tuple[str, nn.Parameter]]
 # optim.name -> (bitsandbytes class on CUDA, bitsandbytes class off CUDA); None: torch AdamW
 _BNB_CLASSES = {
     "paged_adamw_8bit": ("PagedAdamW8bit", "AdamW8bit"),
@@ -45,31 +46,28 @@ _BNB_CLASSES = {
 }
 
 
-def param_groups(named_params: NamedParams, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters split into named groups: LoRA A (+ other LoRA), LoRA B, everything else."""
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters split into named groups by role: "lora" (A and other decaying factors),
+    "lora_B" (LoRA+ learning rate), "no_decay" (magnitudes, biases, norms, ...)."""
     groups = {
         "lora": {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         "lora_B": {"params": [], "lr": cfg.lr * cfg.lora_plus_ratio, "weight_decay": cfg.weight_decay},
         "no_decay": {"params": [], "lr": cfg.lr, "weight_decay": 0.0},
     }
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        key = "lora_B" if "lora_B" in name else "lora" if "lora_" in name else "no_decay"
-        groups[key]["params"].append(p)
+    for _, param, role in trainable_with_roles(model):
+        key = "lora_B" if role is Role.B else "lora" if role.decays else "no_decay"
+        groups[key]["params"].append(param)
     if not any(g["params"] for g in groups.values()):
         raise UsageError("the model has no trainable parameters; check lora.targets matches some layers")
     return [{"name": key, **g} for key, g in groups.items() if g["params"]]
 
 
-def build_optimizer(model_or_named_params: nn.Module | NamedParams, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimiser `cfg.name` over the trainable parameters of a module or (name, param) pairs."""
-    named = (model_or_named_params.named_parameters() if isinstance(model_or_named_params, nn.Module)
-             else model_or_named_params)
-    groups = param_groups(named, cfg)
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser `cfg.name` over the trainable parameters of `model`."""
+    groups = param_groups(model, cfg)
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-    if cfg.name not in _BNB_CLASSES:
-        raise UsageError(f"optim.name: {cfg.name!r} is not allowed; expected one of {', '.join(_BNB_CLASSES)}")
+    if cfg.name not in OPTIMIZERS:
+        raise UsageError(f"optim.name: {cfg.name!r} is not allowed; expected one of {', '.join(OPTIMIZERS)}")
     classes = _BNB_CLASSES[cfg.name]
     if classes is None:
         return torch.optim.AdamW(groups, **kwargs)

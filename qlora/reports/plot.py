@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qlora.errors import UsageError
 from qlora.io import write_bytes_atomic
-from qlora.metrics import read_metrics
+from qlora.training.metrics import read_metrics
 
 INSTALL_HINT = "pip install 'qlora[plot]' (or pip install matplotlib)"
 
@@ -97,7 +97,7 @@ def plot_loss_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path
 
 
 def plot_accuracy(report: dict, out: str | os.PathLike) -> Path:
-    """Three panels from a ``qlora.accuracy`` report: error histograms and per-layer relative error
+    """Three panels from a ``qlora.reports.accuracy`` report: error histograms and per-layer relative error
     on the model's weights (double quant, detail block size), and relative error vs block size."""
     plt = pyplot()
     model, bs = report["model"], report["settings"]["detail_blocksize"]

@@ -11,17 +11,19 @@ import json
 import math
 from pathlib import Path
 
+from qlora.run_dir import RunDir
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self._tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard))
             except ImportError:  # tensorboard is optional
                 self._tb = None
 
@@ -41,5 +43,5 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -49,7 +49,7 @@ def qlora_home() -> Path:
     return Path(cache).expanduser() / "qlora"
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> str:
+def builtin_folder(name_or_path: str | os.PathLike) -> str:
     """Map a built-in name to its cached folder (building it on first use); pass anything else through."""
     name = str(name_or_path)
     builder = EMBEDDED_MODELS.get(name)
@@ -61,7 +61,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 def _cached(relative: str, build: Callable[[Path], None]) -> Path:
     final = qlora_home() / relative
     if not final.is_dir():
-        from qlora.export import atomic_folder
+        from qlora.io import atomic_folder
 
         with atomic_folder(final) as tmp:  # a concurrent builder may win; its copy is kept
             build(tmp)
@@ -129,7 +129,7 @@ def _write_folder(out: Path, config, state_dict: dict) -> None:
     """config.json (plus a top-level rope_theta), generation_config.json and model.safetensors."""
     from transformers import GenerationConfig
 
-    from qlora.export import save_state_dict
+    from qlora.hf.files import save_state_dict
 
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = next(iter(state_dict.values())).dtype

@@ -1,0 +1,130 @@
+"""Merging adapters into base weights: pure functions over state dicts, and the model-level merge.
+
+For a LoRA adapter on module m with A (r, in), B (out, r) and scaling s:
+
+    W'_m = round_dtype(W_m + s * B_m @ A_m)       the sum in fp32, one rounding (`add_delta`)
+
+where W_m is the 16-bit base weight, or the exactly dequantised 4-bit one (never re-quantised).
+`merge_state_dict` does this over plain dicts (a base state dict, 16-bit or bitsandbytes 4-bit,
+and a PEFT-keyed adapter state dict) with no model built: the form that adapter composition and
+hot swap need. `merge_lora` does the same to a loaded model in place, through the same two
+functions (`lora_delta`, `add_delta`), so both agree bit for bit (tested). `merge_adapter` is the
+`qlora merge` command: load the base, merge, write a Hugging Face folder with the recipe beside it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora.adapters.peft_format import PEFT_PREFIX
+from qlora.adapters.spec import LoraSpec
+from qlora.errors import UsageError
+from qlora.nn.lora import add_delta, lora_delta
+from qlora.quant import QuantState, dequantize_4bit
+
+QUANT_STATE_INFIX = ".quant_state.bitsandbytes__"
+
+
+def _quantised_weights(base: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`<fqn>.weight` -> its bitsandbytes quantisation entries, for every 4-bit weight in `base`."""
+    keys = {k.split(QUANT_STATE_INFIX)[0] for k in base if QUANT_STATE_INFIX in k}
+    parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+    for key, value in base.items():
+        owner = key.rpartition(".")[0]
+        while owner and owner not in parts:
+            owner = owner.rpartition(".")[0]
+        if owner:
+            parts[owner][key] = value
+    return parts
+
+
+def dequantized_state_dict(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`base` with every bitsandbytes 4-bit weight replaced by its exact dequantisation."""
+    quantised = _quantised_weights(base)
+    inner = {k for parts in quantised.values() for k in parts}
+    out = {}
+    for key, value in base.items():
+        if key in inner:
+            continue
+        if key in quantised:
+            value = dequantize_4bit(value, QuantState.from_dict(quantised[key], prefix=key + "."))
+        out[key] = value
+    return out
+
+
+def adapter_deltas(adapter: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """`<fqn>.weight` -> fp32 scaling * B @ A, from a PEFT-keyed adapter state dict."""
+    deltas = {}
+    for key, lora_A in adapter.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        fqn = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        lora_B = adapter.get(key.replace(".lora_A.", ".lora_B."))
+        if lora_B is None:
+            raise UsageError(f"adapter tensor {key!r} has no matching lora_B")
+        deltas[f"{fqn}.weight"] = lora_delta(lora_A, lora_B, spec.scaling)
+    return deltas
+
+
+def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], spec: LoraSpec,
+                     dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A plain `dtype` state dict: 4-bit weights dequantised, adapted weights W + s * B @ A.
+
+    Non-float tensors keep their dtype. Every adapted weight must exist in `base` with the
+    adapter's shape, otherwise a UsageError names it.
+    """
+    weights = dequantized_state_dict(base)
+    deltas = adapter_deltas(adapter, spec)
+    for key, delta in deltas.items():
+        if key not in weights or tuple(weights[key].shape) != tuple(delta.shape):
+            got = tuple(weights[key].shape) if key in weights else "no such tensor"
+            raise UsageError(f"adapter update for {key!r} has shape {tuple(delta.shape)}; the base has {got}")
+    return {key: add_delta(value, deltas[key], dtype) if key in deltas
+            else value.to(dtype) if value.is_floating_point() else value
+            for key, value in weights.items()}
+
+
+def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Fold every adapter into its base and dequantise every 4-bit layer, in place: a plain model."""
+    from qlora.nn import Linear4bit, LoRALinear
+    from qlora.nn.swap import swap_modules
+
+    swap_modules(model, lambda m, _: isinstance(m, LoRALinear), lambda m: m.merged_linear(dtype))
+    swap_modules(model, lambda m, _: isinstance(m, Linear4bit), lambda m: m.to_linear(dtype))
+    return model
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,
+                  dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+    """Merge a PEFT LoRA adapter into its base and write a ``dtype`` HF folder (``qlora merge``).
+
+    ``base`` defaults to the adapter's ``base_model_name_or_path``. An unquantised base is loaded in
+    ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised.
+    """
+    from qlora.adapters.peft_format import load_adapter
+    from qlora.adapters.spec import read_peft_config
+    from qlora.dtypes import hf_name, short_name
+    from qlora.hf.export import write_model_folder
+    from qlora.hf.folder import model_folder
+    from qlora.hf.load import load_model
+    from qlora.io import atomic_folder, check_output
+    from qlora.run_dir import RECIPE, find_recipe
+
+    adapter_dir = Path(adapter_dir)
+    out_dir = check_output(out_dir, overwrite)
+    base = base or read_peft_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
+    model = load_model(base, quant=None, dtype=dtype)
+    load_adapter(model, adapter_dir, dtype=short_name(dtype))
+    merge_lora(model, dtype)
+    recipe = find_recipe(adapter_dir)
+    with atomic_folder(out_dir, replace=overwrite) as tmp:
+        write_model_folder(model, tmp, model_folder(base), {"dtype": hf_name(dtype)})
+        if recipe is not None:
+            shutil.copy2(recipe, tmp / RECIPE)
+    return out_dir

@@ -1,0 +1,126 @@
+"""LoRA adapters on disk, in PEFT's format, so that ``peft.PeftModel.from_pretrained`` reads ours.
+
+A folder holds two files:
+- ``adapter_config.json``: the `LoraSpec` as PEFT writes it (``peft_type`` LORA, ``r``,
+  ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``target_modules``, ``base_model_name_or_path``
+  and PEFT's defaults for what we do not use).
+- ``adapter_model.safetensors``: ``base_model.model.<fqn>.lora_A.weight`` (r, in) and
+  ``base_model.model.<fqn>.lora_B.weight`` (out, r) for each adapted module ``<fqn>``: the adapter
+  as a plain state dict (`adapter_state_dict`), which is also what merging works on.
+
+``target_modules`` is written as the list of leaf names (``["q_proj", "v_proj"]``) when those names
+select exactly the adapted modules, else as a regex over the full names, which PEFT matches with
+``re.fullmatch``, so PEFT adapts the same modules we did. Folders are written atomically, and the
+safetensors bytes are deterministic (sorted keys, fixed metadata).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from qlora.adapters.spec import CONFIG_FILE, LoraSpec, read_spec, targets_repr
+from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
+from qlora.errors import UsageError
+from qlora.io import atomic_folder, write_json_atomic
+from qlora.nn.adapter import adapter_layers
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def _target_modules(model: nn.Module, adapted: Sequence[str]) -> list[str] | str:
+    """Leaf names if they select exactly ``adapted`` among the linear-like modules, else a regex."""
+    leaves = sorted({fqn.rpartition(".")[2] for fqn in adapted})
+    wrapped = set(adapted)
+    # The modules PEFT sees on the unwrapped base: the adapted ones and every other linear.
+    linear = wrapped | {
+        fqn
+        for fqn, m in model.named_modules()
+        if isinstance(m, LINEAR_LIKE) and fqn.rpartition(".")[0] not in wrapped
+    }
+    if {fqn for fqn in linear if fqn.rpartition(".")[2] in leaves} == wrapped:
+        return leaves
+    return "(" + "|".join(re.escape(fqn) for fqn in adapted) + ")"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of ``model`` under its PEFT key, on the CPU, in model order."""
+    tensors = {}
+    for fqn, layer in adapter_layers(model).items():
+        for name, (param, _) in layer.trainable_parameters().items():
+            tensors[f"{PEFT_PREFIX}{fqn}.{name}"] = param.detach().cpu().contiguous()
+    return tensors
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_model_name_or_path: str) -> Path:
+    """Write the model's adapter weights and ``spec`` as a PEFT adapter folder (replaced atomically).
+
+    ``target_modules`` is derived from the modules actually adapted; ``spec.targets`` is kept for
+    provenance in the safetensors metadata (``qlora_targets``), where PEFT does not look.
+    """
+    from safetensors.torch import save_file
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise UsageError("save_adapter: the model has no adapter layers (call apply_lora first)")
+    wrong = [fqn for fqn, m in layers.items() if getattr(m, "r", spec.r) != spec.r]
+    if wrong:
+        raise UsageError(f"save_adapter: r={spec.r}, but modules {wrong[:3]} have r={layers[wrong[0]].r}")
+    tensors = adapter_state_dict(model)
+    config = spec.peft_config(_target_modules(model, list(layers)), base_model_name_or_path)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).is_file():
+        raise UsageError(f"save_adapter: {out_dir} exists and is not an adapter folder; refusing to replace it")
+    with atomic_folder(out_dir, replace=True) as tmp:
+        metadata = {"format": "pt", "qlora_targets": targets_repr(spec.targets)}
+        save_file(dict(sorted(tensors.items())), tmp / WEIGHTS_FILE, metadata=metadata)
+        write_json_atomic(tmp / CONFIG_FILE, config)
+    return out_dir
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (safetensors only), with PEFT's old ``.default`` key infix removed."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise UsageError(f"{adapter_dir}: no {WEIGHTS_FILE} (qlora reads safetensors adapters only)")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
+    return {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: str = "bf16") -> list[str]:
+    """Wrap ``model`` per the adapter's config and load its weights; returns the adapted modules."""
+    spec, _ = read_spec(adapter_dir, dtype)
+    tensors = read_adapter_weights(adapter_dir)
+    adapted = apply_lora(model, spec)
+    load_adapter_weights(model, tensors, Path(adapter_dir) / WEIGHTS_FILE)
+    return adapted
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy PEFT-keyed ``tensors`` into the model's adapter layers (all must match, shapes too)."""
+    expected = {}
+    for fqn, layer in adapter_layers(model).items():
+        for name, (param, _) in layer.trainable_parameters().items():
+            expected[f"{PEFT_PREFIX}{fqn}.{name}"] = param
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise UsageError(
+            f"{source}: adapter weights do not fit the model: missing {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise UsageError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensors[key].to(param.device))

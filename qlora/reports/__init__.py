@@ -1,0 +1,1 @@
+"""Reports on results: quantisation accuracy (`accuracy`, `perplexity`) and plots (`plot`)."""

@@ -1,0 +1,56 @@
+"""The one place that names the files of a training run folder.
+
+    <run>/recipe.yaml          the resolved recipe (what actually ran)
+    <run>/metrics.jsonl        one JSON record per logged step / evaluation
+    <run>/adapter/             the final adapter (PEFT format)
+    <run>/checkpoints/step-N/  resumable checkpoints (adapter + per-rank trainer state)
+    <run>/summary.json         losses before / after, throughput, output paths
+    <run>/loss.png             loss curves (when matplotlib is installed)
+    <run>/tensorboard/         TensorBoard events (when tensorboard is installed)
+
+Training writes them, eval / generate / merge / plot read them; every output is written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RECIPE = "recipe.yaml"
+METRICS = "metrics.jsonl"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+SUMMARY = "summary.json"
+LOSS_PLOT = "loss.png"
+TENSORBOARD = "tensorboard"
+MARKERS = (RECIPE, METRICS)  # files that make a folder a qlora run folder
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run folder."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    recipe = property(lambda self: self.root / RECIPE)
+    metrics = property(lambda self: self.root / METRICS)
+    adapter = property(lambda self: self.root / ADAPTER)
+    checkpoints = property(lambda self: self.root / CHECKPOINTS)
+    summary = property(lambda self: self.root / SUMMARY)
+    loss_plot = property(lambda self: self.root / LOSS_PLOT)
+    tensorboard = property(lambda self: self.root / TENSORBOARD)
+
+    def is_run(self) -> bool:
+        """True when the folder holds a qlora run (a recipe or metrics file)."""
+        return any((self.root / name).exists() for name in MARKERS)
+
+
+def find_recipe(adapter_dir: Path) -> Path | None:
+    """``recipe.yaml`` in an adapter folder or in its parent (the run folder it was trained in)."""
+    for folder in (Path(adapter_dir), Path(adapter_dir).parent):
+        if (folder / RECIPE).is_file():
+            return folder / RECIPE
+    return None

@@ -1,0 +1,46 @@
+"""What a training run builds before its first step: the run folder checked, the model with adapters.
+
+`prepare_run_dir` refuses to start on a folder that holds something else than a qlora run, or an
+old run without --overwrite / --resume; the old run is deleted only later, once loading succeeded
+(a failed start keeps it). `build_model` is the recipe's base model (`qlora.hf.load`) with LoRA
+attached by the recipe's `LoraSpec`, prepared for training (checkpointing, no KV cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from qlora import runtime
+from qlora.adapters.surgery import apply_lora, prepare_for_training
+from qlora.config import RecipeConfig
+from qlora.errors import UsageError
+from qlora.hf.load import load_base_model
+from qlora.run_dir import MARKERS, RunDir
+from qlora.training.checkpoint import latest_checkpoint
+
+
+def build_model(cfg: RecipeConfig, rt: runtime.Runtime) -> nn.Module:
+    """The 4-bit (or 16-bit with quant.enabled=false) base with LoRA adapters, ready to train."""
+    model = load_base_model(cfg, rt.device)
+    apply_lora(model, cfg.lora.spec())
+    return prepare_for_training(model, cfg.train.gradient_checkpointing)
+
+
+def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> tuple[Path, bool]:
+    """Check the output folder; returns (folder, whether an old run there must be cleared first)."""
+    run_dir = Path(cfg.output.dir)
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        return run_dir, False
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return run_dir, False
+    if not cfg.output.overwrite:
+        raise UsageError(f"output.dir {str(run_dir)!r} already exists; pass --overwrite "
+                         "(or output.overwrite=true), --resume, or choose another output.dir")
+    if not RunDir(run_dir).is_run():
+        raise UsageError(f"output.dir {str(run_dir)!r} is not empty and holds no qlora run "
+                         f"({' / '.join(MARKERS)}); refusing to delete it with --overwrite")
+    return run_dir, True
