@@ -13,6 +13,7 @@ Training writes them, eval / generate / merge / plot read them; every output is 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +55,8 @@ def find_recipe(adapter_dir: Path) -> Path | None:
         if (folder / RECIPE).is_file():
             return folder / RECIPE
     return None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = RunDir(run_dir).metrics
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

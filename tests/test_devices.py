@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qlora.nn import Linear4bit, LoRALinear
-from qlora.quant import api, dequantize_4bit, quantize_4bit
+from qlora.quant import dequantize_4bit, quantize_4bit
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]

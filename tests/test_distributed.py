@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.training.metrics import read_metrics
+from qlora.run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny_smoke.yaml")

@@ -402,8 +402,8 @@ def test_cli_bad_numbers_exit_2_naming_option(option, value, capsys):
 def test_settings_from_recipe_maps_the_trainer_settings():
     from pathlib import Path
 
-    from qlora.config import load_recipe
-    from qlora.memory.plan import settings_from_recipe
+    from qlora.recipe import load_recipe
+    from qlora.memory.from_recipe import settings_from_recipe
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_chat_cpu.yaml"
     s = settings_from_recipe(load_recipe(recipe), device="cpu")

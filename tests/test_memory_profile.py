@@ -21,7 +21,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from qlora.config import load_recipe  # noqa: E402
+from qlora.recipe import load_recipe  # noqa: E402
 from qlora.memory.profile import MemoryTracker, TensorLedger, plan_for_recipe, rss_anon_bytes  # noqa: E402
 from qlora.training.loop import train  # noqa: E402
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from qlora.quant import QuantState, bits_per_param, codebook, dequantize_4bit, matmul_4bit, quantize_4bit
-from qlora.quant import api, backends
+from qlora.quant import backends
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 

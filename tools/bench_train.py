@@ -75,7 +75,7 @@ STACKS = ("ours", "peer")
 
 def load_cfg(args: argparse.Namespace) -> RecipeConfig:
     """The recipe with this benchmark's shared settings applied."""
-    from qlora.config import load_recipe
+    from qlora.recipe import load_recipe
 
     overrides = [f"model.name_or_path={args.model}", f"optim.lr={LR}", "optim.scheduler=constant",
                  "optim.warmup_steps=0", f"train.micro_batch_size={args.micro_batch}",

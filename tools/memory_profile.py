@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from qlora.config import load_recipe, recipe_to_dict
+    from qlora.recipe import load_recipe, recipe_to_dict
     from qlora.io import write_json_atomic
     from qlora.memory.profile import MemoryTracker, compare_with_plan
     from qlora.training.loop import train

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from qlora.adapters.spec import LoraSpec

@@ -4,6 +4,10 @@ Writes DIR/accuracy.json (every number; schema in `qlora.reports.accuracy`) and 
 histograms, per-layer error, error vs block size), and prints a short table. The JSON is written
 even when matplotlib is missing; the message then says how to install it. `--quick` measures a
 subset (2 block sizes, the first 14 linear weights, 1,024 tokens) in about a minute.
+
+Error of nf4/fp4/int4 x block size x double quant on Gaussian data, the model's linear weights and
+MiniLM (with bitsandbytes' figures beside ours), and the model's perplexity on held-out English
+text in bf16 and each 4-bit format.
 """
 
 from __future__ import annotations
@@ -25,11 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "accuracy", help="4-bit quantisation error tables and perplexity per format",
-        description="Error of nf4/fp4/int4 x block size x double quant on Gaussian data, the model's "
-                    "linear weights and MiniLM (with bitsandbytes' figures beside ours), and the "
-                    "model's perplexity on held-out English text in bf16 and each 4-bit format.")
+    p = subparsers.add_parser("accuracy", help="4-bit quantisation error tables and perplexity per format", description=__doc__.split("\n\n", 1)[1])
     add_arguments(p)
     p.set_defaults(run=run)
 

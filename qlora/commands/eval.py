@@ -1,4 +1,8 @@
-"""`qlora eval TARGET [k=v ...]`: loss and perplexity of a model (+ adapter) on a data set."""
+"""`qlora eval TARGET [k=v ...]`: loss and perplexity of a model (+ adapter) on a data set.
+
+Evaluate TARGET (a run folder, a recipe file, or a model name/folder) on the recipe's held-out
+split (--split eval) or its training split. A run folder's adapter is used unless --base.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,7 @@ from qlora.inference.target import add_target_arguments
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="loss / perplexity of a model or model + adapter",
-        description="Evaluate TARGET (a run folder, a recipe file, or a model name/folder) on the recipe's "
-                    "held-out split (--split eval) or its training split. A run folder's adapter is used "
-                    "unless --base.")
+    p = subparsers.add_parser("eval", help="loss / perplexity of a model or model + adapter", description=__doc__.split("\n\n", 1)[1])
     add_target_arguments(p)
     p.add_argument("--split", choices=("eval", "train"), default="eval", help="which split (default: eval)")
     p.add_argument("--max-batches", type=int, default=None, metavar="N", help="evaluate at most N micro-batches (default: the recipe's train.eval_steps)")

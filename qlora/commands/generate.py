@@ -1,4 +1,9 @@
-"""`qlora generate TARGET [--prompt TEXT]`: answer a prompt, or chat interactively."""
+"""`qlora generate TARGET [--prompt TEXT]`: answer a prompt, or chat interactively.
+
+Generate with TARGET (a run folder, a recipe file, or a model name/folder; a run folder's adapter
+is used unless --base). Without --prompt, chat on standard input (an empty line or EOF ends; /reset
+clears the history).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate", help="answer a prompt or chat with a model (+ adapter)",
-        description="Generate with TARGET (a run folder, a recipe file, or a model name/folder; a run "
-                    "folder's adapter is used unless --base). Without --prompt, chat on standard input "
-                    "(an empty line or EOF ends; /reset clears the history).")
+    p = subparsers.add_parser("generate", help="answer a prompt or chat with a model (+ adapter)", description=__doc__.split("\n\n", 1)[1])
     add_target_arguments(p)
     p.add_argument("--prompt", help="one prompt to answer (otherwise interactive chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -1,4 +1,9 @@
-"""`qlora quantize SRC OUT`: write a bitsandbytes-format 4-bit copy of a model folder."""
+"""`qlora quantize SRC OUT`: write a bitsandbytes-format 4-bit copy of a model folder.
+
+Quantise every linear layer except lm_head of SRC (a model folder, hub id or built-in name) and
+write a Hugging Face folder that transformers loads with bitsandbytes and qlora loads without re-
+quantising.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,7 @@ from qlora.choices import BLOCKSIZES, DTYPES
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quantize",
-        help="write a 4-bit (bitsandbytes format) copy of a model",
-        description=(
-            "Quantise every linear layer except lm_head of SRC (a model folder, hub id or built-in "
-            "name) and write a Hugging Face folder that transformers loads with bitsandbytes and "
-            "qlora loads without re-quantising."
-        ),
-    )
+    p = subparsers.add_parser("quantize", help="write a 4-bit (bitsandbytes format) copy of a model", description=__doc__.split("\n\n", 1)[1])
     p.add_argument("src", metavar="SRC", help="model folder, hub id or built-in name (smollm2-135m, tiny-llama)")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format (default nf4)")

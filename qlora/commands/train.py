@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlora.config import load_recipe
+    from qlora.recipe import load_recipe
     from qlora.errors import UsageError
     from qlora.io import write_json_atomic
     from qlora.run_dir import RunDir

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora.config import RecipeConfig, apply_override, load_recipe, recipe_from_dict
+from qlora.config import RecipeConfig
+from qlora.recipe import apply_override, load_recipe, recipe_from_dict
 from qlora.errors import UsageError
 from qlora.run_dir import RunDir
 

@@ -311,55 +311,6 @@ def logits_loss_bytes(model: ModelShape, s: PlanSettings) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Recipes
-
-
-def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSettings:
-    """`PlanSettings` for a training recipe (a `qlora.config.RecipeConfig`), as our trainer runs it.
-
-    The sequence length is the recipe's `data.max_length` (the longest a batch can be) and every
-    token is counted as a loss target: the plan is for the worst batch the recipe allows. The
-    trainer's loss is chunked (`qlora.nn.loss.CausalLMLoss`) unless `train.loss_chunk_size` is 0.
-    LoRA targets given as names or a `re:` pattern are matched against each decoder layer's linear
-    layer names. `changes` override single fields (e.g. `seq_len=` for a batch actually seen).
-    """
-    if not recipe.quant.enabled:
-        raise UsageError("quant.enabled is false: the planner models a 4-bit base (QLoRA) only")
-    chunk = recipe.train.loss_chunk_size
-    fields = dict(
-        lora_r=recipe.lora.r, lora_targets=_recipe_targets(recipe.lora.targets), lora_dropout=recipe.lora.dropout,
-        lora_dtype=recipe.lora.dtype, seq_len=recipe.data.max_length, micro_batch=recipe.train.micro_batch_size,
-        grad_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.optim.name,
-        compute_dtype=recipe.model.dtype, quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
-        double_quant=recipe.quant.double_quant,
-        attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
-        loss="chunked" if chunk else "full", loss_chunk=chunk or 1024, device=device)
-    return PlanSettings(**{**fields, **changes})
-
-
-def _recipe_targets(targets) -> tuple[str, ...]:
-    """A recipe's `lora.targets` as the planner's linear-layer names."""
-    import re
-
-    if targets == "all-linear":
-        return LINEAR_NAMES
-    if isinstance(targets, str) and targets.startswith("re:"):
-        pattern = re.compile(targets[3:])
-        where = {n: "self_attn" if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp" for n in LINEAR_NAMES}
-        names = tuple(n for n in LINEAR_NAMES if pattern.fullmatch(f"model.layers.0.{where[n]}.{n}"))
-    else:
-        leaves = {t.rpartition(".")[2] for t in targets}
-        unknown = sorted(leaves - set(LINEAR_NAMES))
-        if unknown:
-            raise UsageError(f"lora.targets {list(targets)!r}: the planner knows only {', '.join(LINEAR_NAMES)}, "
-                             f"not {', '.join(unknown)}")
-        names = tuple(n for n in LINEAR_NAMES if n in leaves)
-    if not names:
-        raise UsageError(f"lora.targets {targets!r} matches none of {', '.join(LINEAR_NAMES)}")
-    return names
-
-
-# ---------------------------------------------------------------------------------------------
 # The plan
 
 

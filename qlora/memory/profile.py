@@ -333,10 +333,11 @@ PLAN_ITEMS = {  # measured category -> the plan items it corresponds to
 
 def plan_for_recipe(cfg, device: str = "cpu", **changes):
     """The planner's `MemoryPlan` for a recipe, from the model folder's config.json (see
-    `qlora.memory.plan.settings_from_recipe`; `changes` override single settings)."""
+    `qlora.memory.from_recipe.settings_from_recipe`; `changes` override single settings)."""
     import json
 
-    from qlora.memory.plan import plan_memory, settings_from_recipe
+    from qlora.memory.from_recipe import settings_from_recipe
+    from qlora.memory.plan import plan_memory
     from qlora.hf.folder import model_folder
 
     config = json.loads((model_folder(cfg.model.name_or_path) / "config.json").read_text())

@@ -34,7 +34,6 @@ Everything is deterministic (fixed seed, fixed text, sorted tensor order); input
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import re

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qlora.errors import UsageError
 from qlora.io import write_bytes_atomic
-from qlora.training.metrics import read_metrics
+from qlora.run_dir import read_metrics
 
 INSTALL_HINT = "pip install 'qlora[plot]' (or pip install matplotlib)"
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from tqdm.auto import tqdm
 from qlora import runtime
 from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.surgery import trainable_summary
-from qlora.config import RecipeConfig, save_recipe
+from qlora.config import RecipeConfig
+from qlora.recipe import save_recipe
 from qlora.data import make_dataloaders, prompt_of, split_sources
 from qlora.errors import UsageError
 from qlora.hf.folder import load_tokenizer

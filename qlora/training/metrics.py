@@ -40,8 +40,3 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = RunDir(run_dir).metrics
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
