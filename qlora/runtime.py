@@ -86,6 +86,13 @@ def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum a device tensor over all processes in place, without a host read (identity in one process)."""
+    if rt.distributed:
+        dist.all_reduce(t)
+    return t
+
+
 def rng_state() -> dict:
     """Python and torch RNG states (for exact resume)."""
     state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2], "torch": torch.get_rng_state()}

@@ -297,3 +297,14 @@ def test_reference_dequantise_in_chunks_equals_one_pass(monkeypatch, n):
     assert torch.equal(dequantize_4bit(packed, state), whole)
     strided = torch.empty(n, 2)[:, 0]  # a non-contiguous out buffer
     assert torch.equal(dequantize_4bit(packed, state, out=strided), whole)
+
+
+@pytest.mark.parametrize("n", [1000, 1001, 4096])
+def test_reference_quantise_in_chunks_equals_one_pass(monkeypatch, n):
+    from qlora.quant import reference
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    whole = reference.quantize_4bit_blocks(x, 32, "nf4")
+    monkeypatch.setattr(backends, "REFERENCE_CHUNK", 96)  # chunks of 64 elements (whole blocks, even)
+    chunked = backends.REFERENCE.quantize(x, 32, "nf4")
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])

@@ -164,3 +164,23 @@ def test_overwrite_replaces_the_old_run_and_spares_foreign_folders(home, tmp_pat
                          "train.save_every=0", "--samples", "0")
         assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1]  # not appended to the old run
+
+
+def test_resume_puts_paged_optimiser_state_back_into_paged_buffers():
+    """A paged optimiser's state1/state2 are copied into `get_state_buffer` buffers on resume (the
+    CUDA path; here a stand-in optimiser and parameter record it, since paging needs CUDA)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qlora.training.checkpoint import _state_buffer
+
+    made = []
+    optimizer = SimpleNamespace(is_paged=True, get_state_buffer=lambda p, dtype: made.append(
+        torch.zeros(p.shape, dtype=dtype)) or made[-1])
+    param = SimpleNamespace(device=torch.device("cuda"), shape=torch.Size([4, 3]))
+    saved = torch.arange(12, dtype=torch.uint8).reshape(4, 3)
+    out = _state_buffer(optimizer, param, "state1", saved)
+    assert out is made[0] and torch.equal(out, saved)
+    on_cpu = torch.zeros(4, 3)  # paging needs CUDA: on the CPU the saved tensor is used as it is
+    assert _state_buffer(optimizer, on_cpu, "state1", saved) is saved and len(made) == 1

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Benchmark qlora's QLoRA training step against transformers + PEFT + bitsandbytes, in one run.
 
-    python tools/bench_train.py [--model smollm2-135m] [--steps 12] [--grad-ckpt] [--json PATH]
+    python tools/bench_train.py [--model smollm2-135m] [--steps 12] [--grad-ckpt] [--packed] [--json PATH]
+
+`--packed` is the packed-text workload: data.packing on, 256-token blocks (use --micro-batch 4).
 
 Both stacks train the same LoRA (r=16, alpha 32, dropout 0.05, all linear layers) on the same NF4 +
 double-quant 4-bit base, with the same micro-batches, in a fresh subprocess each (so one cannot
@@ -81,6 +83,8 @@ def load_cfg(args: argparse.Namespace) -> RecipeConfig:
                  "optim.warmup_steps=0", f"train.micro_batch_size={args.micro_batch}",
                  f"train.max_steps={args.steps}", f"train.threads={args.threads}",
                  f"train.gradient_checkpointing={str(args.grad_ckpt).lower()}", "train.device=cpu"]
+    if args.packed:
+        overrides += ["data.packing=true", "data.group_by_length=false", "data.max_length=256"]
     return load_recipe(args.recipe, overrides)
 
 
@@ -143,8 +147,8 @@ class PeerLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                target_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
         count = (labels[:, 1:] != -100).sum()
         return mean * count, count
@@ -162,7 +166,7 @@ def train_steps(loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batches: l
         t0 = time.perf_counter()
         loss_sum, count = loss_fn(**batch)
         (loss_sum / count).backward()
-        grad_norm = clip_gradients(optimizer, max_grad_norm)
+        grad_norm = float(clip_gradients(optimizer, max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
@@ -275,6 +279,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in each stack")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing for both stacks (default off, as in the recipe)")
+    p.add_argument("--packed", action="store_true", help="pack the data into 256-token blocks (no padding)")
     p.add_argument("--eval-batches", type=int, default=None, help="cap the held-out micro-batches (default: all)")
     p.add_argument("--max-busy", type=float, default=0.25, help="CPU fraction used by others that counts as quiet")
     p.add_argument("--max-wait", type=float, default=60.0, help="seconds to wait for a quiet machine")

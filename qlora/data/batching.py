@@ -83,7 +83,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids (pad_id), labels (-100), attention_mask (0 = pad)."""
+    """Right-pad to the longest example: input_ids (pad_id), labels (-100), attention_mask (0 = pad).
+
+    Also `target_positions`: the flat indices, in the (rows x (width - 1)) grid of next-token
+    predictions, of the positions that have a target (label t+1 != -100). Computed here on the
+    CPU, it lets the loss gather those positions with no device-to-host sync (a boolean mask
+    would need one to learn its size).
+    """
     width = max(len(ex["input_ids"]) for ex in batch)
     out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
            "labels": torch.full((len(batch), width), -100, dtype=torch.long),
@@ -93,4 +99,5 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         out["input_ids"][row, :n] = torch.tensor(ex["input_ids"])
         out["labels"][row, :n] = torch.tensor(ex["labels"])
         out["attention_mask"][row, :n] = 1
+    out["target_positions"] = (out["labels"][:, 1:] != -100).reshape(-1).nonzero().squeeze(1)
     return out

@@ -157,10 +157,10 @@ def _stream(
             if owner in prequantised and leaf == "weight":
                 continue  # read below, together with its quantisation state
             _check_shape(ckpt, key, fqn, shapes[fqn], owner in conv1d and leaf == "weight")
-            tensor = ckpt.get(key).to(device)
-            if owner in conv1d and leaf == "weight":
-                tensor = tensor.t().contiguous()
-            tensors[leaf] = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
+            tensor = ckpt.get(key)
+            tensor = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor  # cast on the host
+            tensor = _to_device(tensor, device)
+            tensors[leaf] = tensor.t().contiguous() if owner in conv1d and leaf == "weight" else tensor
         if owner in prequantised:
             _swap(model, owner, _load_prequantised(model, ckpt, names, owner, tensors.get("bias"), compute_dtype, device))
         elif owner in quantise:
@@ -168,6 +168,19 @@ def _stream(
         else:
             for leaf, tensor in tensors.items():
                 _set_tensor(model, f"{owner}.{leaf}" if owner else leaf, tensor)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device`; to CUDA through pinned memory, without waiting for the copy.
+
+    Note: bounded transient. A weight reaches the GPU already in the compute dtype (cast on the
+    host), so the device holds one 16-bit copy of the weight being quantised plus the kernels'
+    output (packed codes, 0.5 byte a weight; the Triton quantiser works tile by tile): under 2x
+    the 16-bit size of the largest weight, never the fp32 checkpoint tensor.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:

@@ -57,7 +57,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         ctx.state = state  # its tensors are owned by the module; nothing new is kept
         ctx.has_bias = bias is not None
         # Dequantise into x's dtype + F.linear; for <= 8 rows the fused matvec instead.
-        return matmul_4bit(x, packed, state, bias)
+        return matmul_4bit(x, packed, state, bias, workspace=weight_workspace(state.shape, x.dtype, x.device))
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
@@ -83,8 +83,29 @@ def linear_4bit(
 
 def _dequantize_as(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """W (out, in) decoded straight into `dtype` (no intermediate copy in `state.dtype`)."""
-    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
-    return dequantize_4bit(packed, state, out=out)
+    return dequantize_4bit(packed, state, out=weight_workspace(state.shape, dtype, packed.device))
+
+
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def weight_workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A view of shape `shape` into one reused buffer per (device, dtype), grown to the largest weight.
+
+    Note: one workspace. Every forward and backward decodes a weight and drops it right after its
+    matmul, so one buffer per device serves all layers in turn: no allocator traffic (on CPU a
+    fresh multi-MB tensor costs page faults that rival the decode itself), and a fixed
+    footprint of the largest weight in the compute dtype, which the memory planner counts as
+    workspace. Ops on one CUDA stream run in order, so reusing the buffer is safe; under
+    `torch.compile` (which plans its own buffers) a fresh tensor is returned.
+    """
+    if torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype, device=device)
+    key, numel = (torch.device(device), dtype), math.prod(shape)
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
 
 
 def quantize_format(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, QuantState]:

@@ -3,6 +3,7 @@
 LoRA (Hu et al., 2021) keeps the base weight W (out x in) frozen and learns a rank-r update:
 
     y = base(x) + scaling * B(A(dropout(x)))       A: in -> r,  B: r -> out
+                                                   (one addmm: base(x) + scaling * h @ B.T)
     scaling = alpha / r            (LoRA)
     scaling = alpha / sqrt(r)      (rsLoRA, Kalajdzievski 2023: keeps the update's scale stable
                                     as r grows, so large ranks actually learn)
@@ -39,10 +40,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qlora.errors import UsageError
 from qlora.nn.adapter import Role
+from qlora.nn.dropout import LoraDropout
 from qlora.nn.linear4bit import Linear4bit
 
 
@@ -91,7 +94,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoraDropout(dropout) if dropout > 0 else nn.Identity()
         device = _device_of(base)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
@@ -118,9 +121,13 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.disabled or self.merged:
             return out
-        h = self.dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(h)) * self.scaling
-        return out + update.to(out.dtype)
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
+        b = self.lora_B.weight
+        if b.dtype != out.dtype:  # adapters kept in another dtype: the update is cast before the sum
+            return out + (F.linear(h, b) * self.scaling).to(out.dtype)
+        # out + scaling * h @ B.T as one GEMM: the scaling and the sum are folded into addmm.
+        y = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t(), alpha=self.scaling)
+        return y.view(out.shape)
 
     # ---------------------------------------------------------------------------- enable/disable
     def disable(self) -> None:

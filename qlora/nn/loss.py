@@ -10,7 +10,9 @@ is recomputed in backward.
 
 The module returns the SUM of token losses and the number of target tokens, so that gradient
 accumulation and data parallelism can normalise by the true token count of the whole optimiser
-step (a mean per micro-batch would over-weight short batches).
+step (a mean per micro-batch would over-weight short batches). Given `target_positions` (computed
+on the CPU by `qlora.data.batching.collate`) it gathers the target rows with `index_select` and
+never waits for the device; without it a boolean mask does the same with one device sync.
 """
 
 from __future__ import annotations
@@ -35,15 +37,17 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                target_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         backbone = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:].reshape(-1)  # token t predicts token t+1
-        keep = targets != IGNORE_INDEX
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # (N, H), N target tokens
-        targets = targets[keep]
+        if target_positions is None:
+            target_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one device sync
+        target_positions = target_positions.to(targets.device, non_blocking=True)
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, target_positions)  # (N, H)
+        targets = targets.index_select(0, target_positions)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.chunk_size):
             h, y = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]
@@ -51,4 +55,4 @@ class CausalLMLoss(nn.Module):
                 total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
             else:
                 total = total + _chunk_loss(head, h, y)
-        return total, keep.sum()
+        return total, torch.tensor(targets.numel())

@@ -104,11 +104,12 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: torch.Tensor |
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for a 4-bit W of shape (out_features, in_features), in x's dtype.
 
     For a few rows (token-by-token decoding) a backend with a matvec (native, triton) reads the
-    packed weight directly and never materialises W; otherwise W is dequantised once into x's dtype.
+    packed weight directly and never materialises W; otherwise W is dequantised once into x's dtype,
+    into `workspace` when given (a reused buffer of W's shape and x's dtype), else a new tensor.
     """
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D weight state, got shape {tuple(state.shape)}")
@@ -122,5 +123,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         kernels.gemv(x.reshape(rows, n_in).contiguous(), _packed_bytes(packed, state), state, y)
         y = y.reshape(*x.shape[:-1], n_out)
         return y if bias is None else y + bias.to(y.dtype)
-    weight = dequantize_4bit(packed, state, out=torch.empty(state.shape, dtype=x.dtype, device=x.device))
+    if workspace is None:
+        workspace = torch.empty(state.shape, dtype=x.dtype, device=x.device)
+    weight = dequantize_4bit(packed, state, out=workspace)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

@@ -41,7 +41,13 @@ class Reference:
     checks_finite = False  # the caller checks its input
 
     def quantize(self, x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return reference.quantize_4bit_blocks(x, blocksize, quant_type)
+        """Chunks of whole blocks (an even number of elements), so the temporaries (fp32 copy,
+        scaled values, int32 ranks: ~13 bytes an element) stay bounded for a large weight."""
+        step = max(2 * blocksize, REFERENCE_CHUNK - REFERENCE_CHUNK % (2 * blocksize))
+        parts = [reference.quantize_4bit_blocks(x[i:i + step], blocksize, quant_type) for i in range(0, x.numel(), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts])
 
     def scales(self, state: QuantState) -> torch.Tensor:
         """fp32 absmax per block, the double quantisation decoded."""

@@ -90,7 +90,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
 
     Both torch and bitsandbytes cast floating-point optimiser states to the parameter's dtype on
     load; bitsandbytes keeps fp32 states for small bf16 LoRA matrices, so that cast would round
-    them to bf16 and a resumed run would drift from an uninterrupted one.
+    them to bf16 and a resumed run would drift from an uninterrupted one. A paged optimiser's
+    large states go back into paged buffers (`get_state_buffer`, CUDA unified memory), so a
+    resumed run keeps paging instead of pinning its optimiser state on the device.
     """
     optimizer.load_state_dict(saved)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -98,12 +100,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
         param = params[int(index)]
         for key, value in values.items():
             if isinstance(value, torch.Tensor) and key != "step":
-                value = value.to(param.device)
+                value = _state_buffer(optimizer, param, key, value)
                 if hasattr(param, "device_mesh"):  # FSDP: the file holds this process's shard
                     from torch.distributed.tensor import DTensor
 
                     value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False)
                 optimizer.state[param][key] = value
+
+
+def _state_buffer(optimizer: torch.optim.Optimizer, param: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` on the parameter's device, in a paged buffer when the optimiser pages that state."""
+    paged = getattr(optimizer, "is_paged", False) and key in ("state1", "state2") and param.device.type == "cuda"
+    if not paged or value.shape != param.shape:
+        return value.to(param.device)
+    buffer = optimizer.get_state_buffer(param, dtype=value.dtype)  # paged when large enough
+    return buffer.copy_(value)
 
 
 def load_checkpoint(path: Path, model: nn.Module, rank: int = 0, world_size: int = 1) -> dict:

@@ -146,33 +146,33 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
         in_tokens = sum(int(b["attention_mask"].sum()) for b in window)
         global_targets, global_tokens = runtime.all_reduce_sum([sum(local), in_tokens], rt)
         scale = rt.world_size / max(global_targets, 1.0)
-        loss_total = 0.0
+        loss_total = torch.zeros((), device=rt.device)  # stays on the device: no sync per micro-batch
         for i, batch in enumerate(window):
             with gradient_sync(loss_fn, sync=i == len(window) - 1):
                 with phase("forward"):
-                    loss_sum, _ = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
+                    loss_sum, _ = loss_fn(**{k: v.to(rt.device, non_blocking=True) for k, v in batch.items()})
                 with phase("backward"):
                     (loss_sum * scale).backward()
-            loss_total += float(loss_sum.detach())
+            loss_total += loss_sum.detach()
         with phase("optimizer"):
             grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-        (loss_total,) = runtime.all_reduce_sum([loss_total], rt)
+        runtime.all_reduce_(loss_total, rt)
         progress.step += 1
         progress.tokens += int(global_tokens)
-        dt = time.perf_counter() - t0
-        record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
-                  "loss": loss_total / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
-                  "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
-                  "grad_norm": grad_norm}
-        if progress.step % tc.log_every == 0 or progress.step == total_steps:
-            metrics.log(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        summary["last_loss"] = record["loss"]
+        if progress.step % tc.log_every == 0 or progress.step == total_steps:  # the only host reads
+            dt = time.perf_counter() - t0
+            record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
+                      "loss": float(loss_total) / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
+                      "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
+                      "grad_norm": float(grad_norm)}
+            metrics.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            summary["last_loss"] = record["loss"]
 
         if eval_loader is not None and tc.eval_every and progress.step % tc.eval_every == 0 \
                 and progress.step != total_steps:

@@ -117,12 +117,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+def clip_gradients(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> torch.Tensor:
     """Clip the global L2 norm of all gradients in `optimizer` to max_grad_norm (None / 0: no clip).
 
-    Returns the norm before clipping, for logging.
+    Returns the norm before clipping as a 0-dim tensor on the gradients' device (reading it is a
+    host sync: the loop does so only when it logs).
     """
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     limit = max_grad_norm if max_grad_norm else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, limit)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor

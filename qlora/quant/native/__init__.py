@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "cache_dir", "dequantize_4bit", "dequantize_8bit", "gemv_4bit", "quantize_4bit"]
+__all__ = ["available", "cache_dir", "dequantize_4bit", "dequantize_8bit", "dropout", "gemv_4bit", "quantize_4bit"]
 
 _SOURCE = Path(__file__).with_name("kernels4bit.c")
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
@@ -124,6 +124,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qn_quantize_4bit.restype = i64
     lib.qn_gemv_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, i32, p, i32, i32]
     lib.qn_gemv_4bit.restype = i32
+    lib.qn_dropout.argtypes = [p, p, i32, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i32]
+    lib.qn_dropout.restype = None
 
 
 def _built_library(cc: str) -> Path:
@@ -290,4 +292,22 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
                                      torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"gemv_4bit could not allocate {m * K * 4} bytes of scratch")
+    return out
+
+
+def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverted dropout with a mask that is a pure function of (`seed`, element index).
+
+    out = x * keep / (1 - p) (the product in fp32, rounded once to x's dtype), where element i is
+    dropped when a 32-bit hash of (seed, i) is < p * 2**32. Calling it again with the same seed on the
+    gradient is the backward pass. x: contiguous fp32 / bf16 / fp16 CPU tensor; 0 <= p < 1.
+    """
+    _check(x, "x", _FLOATS, None)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p={p!r}; expected 0 <= p < 1")
+    out = torch.empty_like(x) if out is None else out
+    _check(out, "out", (x.dtype,), x.numel())
+    threshold = min(int(round(p * 2**32)), 2**32 - 1)
+    _require().qn_dropout(x.data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), seed & (2**64 - 1),
+                          threshold, 1.0 / (1.0 - p), torch.get_num_threads())
     return out

@@ -49,7 +49,7 @@
 enum { QN_F32 = 0, QN_BF16 = 1, QN_F16 = 2 };
 
 /* Increment when a signature below changes; the Python loader checks it. */
-int qn_abi_version(void) { return 3; }
+int qn_abi_version(void) { return 4; }
 int qn_has_avx512(void) { return QN_AVX512; }
 
 /* ---------------------------------------------------------------- scalar conversions (RNE) */
@@ -62,6 +62,13 @@ static inline uint16_t f32_to_bf16(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+/* The same rounding as a select instead of a branch, so loops over it vectorise. */
+static inline uint16_t f32_to_bf16_select(float f) {
+    uint32_t u = f32_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
 }
 
 static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
@@ -407,4 +414,42 @@ int qn_gemv_4bit(const float *x, int64_t m, const uint8_t *packed, const float *
     }
     free(split);
     return 0;
+}
+
+/* --------------------------------------------------------------- seeded dropout (LoRA input) */
+/* out[i] = keep(i) ? round(x[i] * scale) : 0,
+ * keep(i) = mix(seed, i) >= threshold, mix a 32-bit integer hash of the index and the 64-bit seed.
+ * The mask is a pure function of (seed, i): the backward pass calls this again on the gradient
+ * with the same seed instead of storing a mask, and any thread split gives the same bits. A
+ * 32-bit threshold of p * 2^32 drops each element with probability p (to within 2^-32). */
+static inline uint32_t qn_mix(uint64_t seed, uint64_t i) {
+    /* Two 32-bit finalisers (murmur3's fmix32, then "lowbias32"): 32-bit multiplies vectorise. */
+    uint32_t h = ((uint32_t)i * 0x9E3779B9u) ^ (uint32_t)seed ^ ((uint32_t)(i >> 32) * 0x85EBCA6Bu);
+    h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
+    h ^= (uint32_t)(seed >> 32);
+    h ^= h >> 16; h *= 0x7FEB352Du; h ^= h >> 15; h *= 0x846CA68Bu; h ^= h >> 16;
+    return h;
+}
+
+/* One loop per dtype, so the compiler vectorises each (the dtype test is outside the loop). */
+#define QN_DROPOUT_LOOP(LOAD, STORE)                                                            \
+    _Pragma("omp parallel for schedule(static) num_threads(set_threads(nthreads)) if(n >= QN_PARALLEL_MIN)") \
+    for (int64_t i = 0; i < n; i++) {                                                           \
+        float v = qn_mix(seed, (uint64_t)i) >= threshold ? (LOAD) * scale : 0.0f;              \
+        STORE;                                                                                  \
+    }
+
+void qn_dropout(const void *x, void *out, int dtype, int64_t n, uint64_t seed, uint32_t threshold,
+                float scale, int nthreads) {
+    if (dtype == QN_BF16) {
+        const uint16_t *xb = (const uint16_t *)x;
+        uint16_t *ob = (uint16_t *)out;
+        QN_DROPOUT_LOOP(bf16_to_f32(xb[i]), ob[i] = f32_to_bf16_select(v))
+    } else if (dtype == QN_F16) {
+        QN_DROPOUT_LOOP(load_as_f32(x, QN_F16, i), store_from_f32(out, QN_F16, i, v))
+    } else {
+        const float *xf = (const float *)x;
+        float *of = (float *)out;
+        QN_DROPOUT_LOOP(xf[i], of[i] = v)
+    }
 }
