@@ -13,31 +13,16 @@ import os
 import pytest
 import torch
 
-_SET_HERE = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by conftest.py, before triton is imported
 pytest.importorskip("triton")
 
 from qlora.quant import codebooks, reference  # noqa: E402
 from qlora.quant import triton as qt  # noqa: E402
 
-_AVAILABLE = qt.available()
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-if _SET_HERE:
-    # Collection imports every test module before any test runs: leaving the variable set would
-    # route other modules' calls in this process to the interpreter. The fixture below sets it
-    # again while this module's tests run (the kernels are decorated at their first call).
-    del os.environ["TRITON_INTERPRET"]
-if not _AVAILABLE:
+if not qt.available():
     pytest.skip("Triton kernels unavailable (no CUDA and TRITON_INTERPRET != 1)", allow_module_level=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    with pytest.MonkeyPatch.context() as mp:
-        if _SET_HERE:
-            mp.setenv("TRITON_INTERPRET", "1")
-        yield
 
 
 QUANT_TYPES = ("nf4", "fp4", "int4")

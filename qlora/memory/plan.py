@@ -35,8 +35,9 @@ with frozen 4-bit linears (whose backward needs only the packed weight, never th
     SwiGLU MLP       3c*i              gate output (for SiLU), SiLU output and up output (for the mul)
     LoRA inputs      c per distinct input read by an adapter without dropout (the q/k/v adapters
                      share the normed input; down_proj's input i wide is saved only if targeted);
-                     with dropout p > 0 each adapter saves its own dropped input (c*n_in) and mask
-                     (1 byte per element on CUDA, c bytes on CPU where torch multiplies by a noise tensor)
+                     with dropout p > 0 each adapter saves its own dropped input (c*n_in); on CUDA
+                     torch's dropout also keeps a 1-byte mask per element, on the CPU qlora's hashed
+                     mask is recomputed from a seed (qlora.nn.dropout) and costs nothing
     LoRA A outputs   c*r per adapter (saved for B's gradient)
   Without gradient checkpointing all L layers keep these. With checkpointing each layer keeps only its
   input (c*h per token) and the backward recomputes one layer at a time, so one layer's set is alive.
@@ -272,8 +273,8 @@ def layer_activation_bytes(model: ModelShape, s: PlanSettings) -> int:
 def _lora_input_bytes(model: ModelShape, s: PlanSettings, o_input: int) -> int:
     """Per-token bytes of the inputs the LoRA A matrices keep for their gradient."""
     c = DTYPE_BYTES[s.compute_dtype]
-    if s.lora_dropout > 0:  # each adapter drops its own copy and keeps it with the mask
-        mask = 1 if s.device == "cuda" else c
+    if s.lora_dropout > 0:  # each adapter drops its own copy (and on CUDA keeps torch's mask)
+        mask = 1 if s.device == "cuda" else 0
         return sum((c + mask) * model.linear_shapes()[t][0] for t in s.lora_targets)
     h, i = model.hidden_size, model.intermediate_size
     reads = {"q_proj": ("attn_in", h), "k_proj": ("attn_in", h), "v_proj": ("attn_in", h),

@@ -272,12 +272,10 @@ class Linear4bit(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, quant_type={self.quant_type}, "
-            f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
-            f"compute_dtype={self.compute_dtype}"
-        )
+        f = self.format
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={f.quant_type}, blocksize={f.blocksize}, double_quant={f.double_quant}, "
+                f"compute_dtype={f.compute_dtype}")
 
     # --------------------------------------------------------------------------- device moves
     def _apply(self, fn, recurse: bool = True):

@@ -17,6 +17,14 @@ pure-PyTorch reference (and so to bitsandbytes' format):
 it built), triton on CUDA (when importable), the reference otherwise. Double quantisation of the
 absmax vector (64x smaller than the weight) is always done by the reference; decoding it is part of
 each backend's dequantise, since that runs on every forward and backward.
+
+Note: what "bit-exact with bitsandbytes" means on CUDA. The 4-bit codes, the fp32 absmax and every
+dequantised value equal bitsandbytes' on any device. The 8-bit codes of double quantisation follow
+bitsandbytes' CPU quantiser (a 65,536-point grid) on every device, so a checkpoint holds the same
+bytes whichever device quantised it; bitsandbytes' CUDA quantiser searches exact midpoints and
+picks the neighbouring code for the few constants within half a grid step (1.5e-5) of a midpoint.
+Both decode with the same table, so either file dequantises identically in both libraries;
+`tools/gpu_check.py` counts the differing constants against bitsandbytes' CUDA kernels.
 """
 
 from __future__ import annotations
