@@ -199,13 +199,15 @@ def test_8bit_optimizer_state_bytes_match_bitsandbytes(numel):
 
 
 def _saved_tensor_bytes(attention: str, lora_dropout: float, batch: int, seq: int) -> int:
-    """Unique non-parameter storage autograd saves in a forward + HF loss of a tiny bf16 LoRA model."""
+    """Unique non-parameter storage autograd saves in a forward + HF loss of a tiny bf16 model with
+    qlora's LoRA layers (what the planner models: on the CPU its dropout keeps no mask)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+
+    from qlora.adapters.spec import LoraSpec
+    from qlora.adapters.surgery import apply_lora
 
     model = _tiny_llama(attn_implementation=attention).to(torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout,
-                                             target_modules=list(LINEAR_NAMES)), autocast_adapter_dtype=False)
+    apply_lora(model, LoraSpec(r=8, alpha=16, dropout=lora_dropout, targets=tuple(LINEAR_NAMES)))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
