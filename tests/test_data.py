@@ -71,6 +71,13 @@ def test_chat_masks_everything_but_assistant_turns(tok):
     assert stats.truncated == 0 and not stats.skipped
 
 
+def test_chat_roles_outside_the_templates_are_skipped_and_named(tok):
+    typo = {"messages": [{"role": "sytem", "content": "Be brief"}, *CHAT["messages"][1:]]}
+    examples, stats = encode([typo, CHAT], tok, "chat")
+    assert len(examples) == 1
+    assert "'sytem'" in str(stats.skipped) and "system, user, assistant" in str(stats.skipped)
+
+
 def test_chat_train_on_prompt_labels_every_token(tok):
     (ex,), _ = encode([CHAT], tok, "chat", train_on_prompt=True)
     assert ex["labels"] == ex["input_ids"]
