@@ -50,6 +50,7 @@ def test_weights_finite_and_checkpoint_refusal():
         guard.can_checkpoint(layer, 2)
     guard.step_ok(float("nan"), 3)
     assert not guard.can_checkpoint(torch.nn.Linear(2, 2), 3)  # never inside a streak
+    guard.check_final(torch.nn.Linear(2, 2), 3)  # the final adapter: finite weights suffice (a warning)
 
 
 def test_one_nan_step_is_skipped_and_the_run_ends_well(home, tmp_path, monkeypatch):

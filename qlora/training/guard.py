@@ -76,11 +76,12 @@ class StepGuard:
         return True
 
     def check_final(self, model: nn.Module, step: int) -> None:
-        """Raise unless the final adapter may be written (the run did not end in bad steps)."""
-        if self.bad_in_a_row:
-            raise NonFiniteError(f"the run ended with {self.bad_in_a_row} non-finite step(s) in a row (last: "
-                                 f"step {step}); the final adapter was not written, the last finite checkpoint is kept")
+        """Raise unless the final adapter may be written (finite weights); warn when the run ended
+        inside a streak of skipped steps (the weights are those of the last good step)."""
         self.check_weights(model, step)
+        if self.bad_in_a_row:
+            log.warning("the run ended with %d skipped (non-finite) step(s) in a row; the adapter holds the "
+                        "weights of step %d", self.bad_in_a_row, step - self.bad_in_a_row)
 
     @staticmethod
     def check_weights(model: nn.Module, step: int) -> None:

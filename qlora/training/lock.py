@@ -75,7 +75,8 @@ def _take_over_if_stale(path: Path) -> None:
     except (ValueError, KeyError, TypeError):
         # Being written right now, or damaged: give a writer a moment before calling it stale.
         if time.time() - path.stat().st_mtime < 5:
-            raise UsageError(f"{path.parent} is being started by another run (lock file {path})") from None
+            raise UsageError(f"output.dir {str(path.parent)!r} is in use by a live run that is starting "
+                             f"(lock file {path})") from None
         pid, host, started = -1, socket.gethostname(), 0.0
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
     if host != socket.gethostname():
