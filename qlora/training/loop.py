@@ -101,15 +101,16 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     runtime.seed_everything(tc.seed)
     say = print if rt.is_main else (lambda *a, **k: None)
 
-    t_load = time.perf_counter()
-    with phase("load"):
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = build_model(cfg, rt)
-    say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
-        f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    # Data before the model: a bad row is reported in seconds, not after a minutes-long 7B+ load.
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
                                                         rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
+    t_load = time.perf_counter()
+    with phase("load"):
+        model = build_model(cfg, rt)
+    say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
+        f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
     steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
     total_steps = tc.max_steps or steps_per_epoch * (tc.epochs or 1)
     if checkpoint is not None:  # adapter weights go in before FSDP shards them
