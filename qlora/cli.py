@@ -2,8 +2,9 @@
 
 Each sub-command lives in `qlora/commands/<name>.py` and exposes `add_parser(subparsers)` and
 `run(args) -> int`. Command modules import torch, transformers and friends only inside `run`, so
-that `qlora --help` answers instantly. `UsageError` (and other `ValueError`s raised while reading
-user input) print one line and exit with status 2; nothing is written in that case.
+that `qlora --help` answers instantly. Exit statuses: 0 done; 2 a `UsageError` or an OS error on
+the user's side (a read-only or full disk, a missing path: named with its errno, e.g. ENOSPC), one
+line and no traceback; 3 a run stopped by its non-finite guard (`NonFiniteError`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from qlora.errors import UsageError
+from qlora.errors import NonFiniteError, UsageError, describe_os_error
 
 COMMANDS = ("train", "eval", "generate", "merge", "quantize", "memory", "accuracy", "plot")
 
@@ -52,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except UsageError as err:
         print(f"qlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"qlora {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:
+        message = describe_os_error(err)
+        if message is None:
+            raise
+        print(f"qlora {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"qlora {args.command}: interrupted", file=sys.stderr)

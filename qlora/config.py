@@ -26,6 +26,14 @@ if typing.TYPE_CHECKING:
 
 Dtype = Literal[choices.DTYPES]
 
+# Upper limits: far beyond any real run, low enough that a typo fails here with the limit named
+# instead of as a multi-terabyte allocation or an integer overflow deep inside torch.
+MAX_COUNT = 10**9  # steps, epochs, intervals
+MAX_RANK = 8192  # LoRA rank: the hidden size of the largest models this tool targets
+MAX_BATCH = 65_536  # examples per micro-batch, micro-batches per step
+MAX_LENGTH = 1 << 20  # tokens per example
+MAX_THREADS = 4096
+
 
 # ----------------------------------------------------------------------------- sections
 
@@ -103,7 +111,7 @@ class LoraConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_types()
-        self._require(self.r > 0, "r", "expected an int > 0")
+        self._require_range("r", 1, MAX_RANK, "a rank above the hidden size adds nothing")
         self._require(self.alpha > 0, "alpha", "expected a number > 0")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "expected a number in [0, 1)")
         if isinstance(self.targets, list):
@@ -155,7 +163,7 @@ class DataConfig(Section):
     def __post_init__(self) -> None:
         self._check_types()
         self._require(bool(self.dataset.strip()), "dataset", "give a file path or a data set name")
-        self._require(self.max_length >= 2, "max_length", "expected an int >= 2")
+        self._require_range("max_length", 2, MAX_LENGTH)
         self._require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "expected a number in [0, 1)")
         self._require(self.eval_size is None or self.eval_size >= 0, "eval_size", "expected an int >= 0")
         self._require(self.max_rows is None or self.max_rows > 0, "max_rows", "expected an int > 0")
@@ -200,7 +208,7 @@ class OptimConfig(Section):
         self._require(self.eps > 0, "eps", "expected a number > 0")
         self._require(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm",
                       "expected a number >= 0 or null")
-        self._require(self.warmup_steps >= 0, "warmup_steps", "expected an int >= 0")
+        self._require_range("warmup_steps", 0, MAX_COUNT)
         self._require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "expected a number in [0, 1)")
         self._require(not (self.warmup_steps and self.warmup_ratio), "warmup_steps",
                       "set warmup_steps or warmup_ratio, not both")
@@ -240,19 +248,22 @@ class TrainConfig(Section):
     model, FSDP shards it (needs quant.quant_storage bf16 for the packed 4-bit weights)."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy, so full fp32 logits never exist at once (0: no chunking)."""
+    max_bad_steps: int = 10
+    """Optimiser steps in a row with a non-finite (NaN / Inf) gradient norm before the run stops
+    with exit status 3. Each such step is skipped (weights untouched) and no checkpoint is written
+    during the streak. The same count of all-zero gradient norms in a row is warned about."""
 
     def __post_init__(self) -> None:
         self._check_types()
         for name in ("micro_batch_size", "grad_accum_steps"):
-            self._require(getattr(self, name) > 0, name, "expected an int > 0")
-        self._require(self.max_steps is None or self.max_steps > 0, "max_steps", "expected an int > 0 or null")
-        self._require(self.epochs is None or self.epochs > 0, "epochs", "expected an int > 0 or null")
+            self._require_range(name, 1, MAX_BATCH)
+        for name in ("max_steps", "epochs", "eval_steps", "max_bad_steps"):
+            self._require_range(name, 1, MAX_COUNT)
         self._require(self.max_steps is not None or self.epochs is not None, "epochs",
                       "set train.max_steps or train.epochs")
         for name in ("eval_every", "log_every", "save_every", "loss_chunk_size"):
-            self._require(getattr(self, name) >= 0, name, "expected an int >= 0")
-        self._require(self.eval_steps is None or self.eval_steps > 0, "eval_steps", "expected an int > 0 or null")
-        self._require(self.threads is None or self.threads > 0, "threads", "expected an int > 0 or null")
+            self._require_range(name, 0, MAX_COUNT)
+        self._require_range("threads", 1, MAX_THREADS)
 
 
 @dataclass

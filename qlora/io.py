@@ -3,7 +3,11 @@
 A file goes to a temporary file in the destination folder, which is then renamed over the target
 (atomic on POSIX within one file system). The temporary file gets the permissions a plain `open`
 would have given (0666 minus the umask), not mkstemp's private 0600. A folder is built under a
-temporary sibling name and renamed into place the same way (`atomic_folder`).
+temporary sibling name and renamed into place the same way (`atomic_folder`). Files and folders
+are fsynced before the rename and the parent folder after it, so a power cut cannot publish a name
+whose bytes never reached the disk. A run killed mid-write leaves its temporary names behind
+(`.NAME.XXXX.tmp` files, `.NAME.tmp-XXXX` / `.NAME.old-XXXX` folders); `remove_leftovers` deletes
+them at the next start, once the run folder's lock is held.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from qlora.errors import UsageError
+
+_LEFTOVER = re.compile(r"^\..+(\.tmp|\.tmp-\w+|\.old-\w+)$")  # the temporary names used below
 
 
 def _umask() -> int:
@@ -34,8 +41,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -63,6 +73,7 @@ def atomic_folder(final: str | Path, *, replace: bool = False) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
         if replace and final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
@@ -72,8 +83,42 @@ def atomic_folder(final: str | Path, *, replace: bool = False) -> Iterator[Path]
         except OSError:
             if not final.is_dir():
                 raise
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (folders: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. folders on Windows
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the data files were synced
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the temporary files and folders a killed atomic write left in `folder`; returns them."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _LEFTOVER.match(p.name)]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def check_output(out_dir: str | Path, overwrite: bool) -> Path:

@@ -4,7 +4,9 @@
 written as `section.field=value` (the value is parsed as YAML, so `train.max_steps=10` is an int and
 `lora.targets=[q_proj,v_proj]` a list), and builds a validated `RecipeConfig`. Every mistake is a
 `UsageError` naming the full key (`lora.rr`), the value and what is allowed (the known keys with a
-"did you mean" suggestion). `save_recipe` writes the resolved recipe atomically.
+"did you mean" suggestion). An empty file and a key written twice are mistakes too (YAML itself
+would run the default job, or silently keep the last value). `save_recipe` writes the resolved
+recipe atomically.
 """
 
 from __future__ import annotations
@@ -21,6 +23,21 @@ import yaml
 from qlora.config import SECTIONS, RecipeConfig
 from qlora.errors import UsageError
 from qlora.typecheck import coerce
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice, naming the key and line."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise UsageError(f"recipe key {key!r} is written twice (lines {seen[key]} and {line}); "
+                                 "keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _unknown_key(path: str, key: str, allowed: list[str]) -> UsageError:
@@ -94,10 +111,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.is_file():
         raise UsageError(f"recipe file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UsageError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
-    data = {} if data is None else data
+    except UsageError as e:
+        raise UsageError(f"recipe file {str(path)!r}: {e}") from None
+    if data is None:
+        raise UsageError(f"recipe file {str(path)!r} is empty; write at least one section "
+                         f"({', '.join(SECTIONS)}), e.g. `train: {{max_steps: 10}}` (see recipes/)")
     if not isinstance(data, dict):
         raise UsageError(f"recipe file {str(path)!r} must hold a mapping of sections "
                          f"({', '.join(SECTIONS)}), got {type(data).__name__}")

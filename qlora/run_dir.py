@@ -7,6 +7,7 @@
     <run>/summary.json         losses before / after, throughput, output paths
     <run>/loss.png             loss curves (when matplotlib is installed)
     <run>/tensorboard/         TensorBoard events (when tensorboard is installed)
+    <run>/run.lock             pid, host and start time of the live run (qlora.training.lock)
 
 Training writes them, eval / generate / merge / plot read them; every output is written atomically.
 """
@@ -24,6 +25,7 @@ CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 LOSS_PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
+LOCK = "run.lock"
 MARKERS = (RECIPE, METRICS)  # files that make a folder a qlora run folder
 
 

@@ -51,7 +51,7 @@ def setup(device: str = "auto", dtype: str = "bf16", threads: int | None = None)
     if threads:
         torch.set_num_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,6 +65,11 @@ def setup(device: str = "auto", dtype: str = "bf16", threads: int | None = None)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(dev, torch_dtype(dtype), rank, world_size, local_rank)
+
+
+def process_rank() -> int:
+    """This process's rank as its launcher set it (0 when not launched by torchrun / accelerate)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def teardown() -> None:

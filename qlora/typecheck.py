@@ -90,6 +90,12 @@ class Section:
                                  f"{type_name(hints[f.name])}{suggest(value, hints[f.name])}")
             setattr(self, f.name, converted)
 
+    def _require_range(self, name: str, low: int, high: int, why: str = "") -> None:
+        """Require an int field (or null) in [low, high]; `why` explains an upper limit in the message."""
+        value = getattr(self, name)
+        self._require(value is None or low <= value <= high, name,
+                      f"expected an int from {low} to {high:,}{f' ({why})' if why else ''}")
+
     def _require(self, ok: bool, name: str, allowed: str) -> None:
         """Raise a UsageError for field `name` unless `ok`; `allowed` says what would be valid."""
         if not ok:

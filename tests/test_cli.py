@@ -40,3 +40,31 @@ def test_overrides_may_follow_options(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qlora.cli", "train", str(recipe), "--bogus"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
+
+
+@pytest.mark.parametrize("code, name", [(28, "ENOSPC"), (30, "EROFS"), (13, "EACCES")])
+def test_os_errors_on_output_exit_2_with_their_name(monkeypatch, capsys, code, name):
+    import os
+
+    from qlora import cli
+    from qlora.commands import plot
+
+    def fail(args):
+        raise OSError(code, os.strerror(code), "/runs/x/adapter")
+    monkeypatch.setattr(plot, "run", fail)
+    assert cli.main(["plot", "whatever"]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "/runs/x/adapter" in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_an_os_error_naming_enospc(tmp_path):
+    import errno
+    from pathlib import Path
+
+    import torch
+
+    from qlora.training.checkpoint import _save_state
+
+    with pytest.raises(OSError) as err:
+        _save_state({"x": torch.zeros(100_000)}, Path("/dev/full"))
+    assert err.value.errno == errno.ENOSPC

@@ -72,15 +72,15 @@ def test_defaults_and_overrides(tmp_path: Path):
     assert cfg.output.dir == "2024"  # a str field keeps the raw text YAML would read as an int
     assert cfg.optim.betas == (0.9, 0.95)
     assert load_recipe(path, ["lora.targets=re:.*_proj"]).lora.targets == "re:.*_proj"
-    assert load_recipe(write(tmp_path, "")).lora == LoraConfig()  # empty file: all defaults
+    assert load_recipe(write(tmp_path, "lora:\n")).lora == LoraConfig()  # an empty section: its defaults
 
 
 @pytest.mark.parametrize("text, override, needles", [
     ("lora:\n  rr: 8\n", None, ["lora.rr", "did you mean lora.r", "alpha, dropout"]),
     ("trian: {}\n", None, ["'trian'", "did you mean train", "model, quant, lora"]),
-    ("", "lora.rr=4", ["lora.rr", "did you mean lora.r"]),
-    ("", "max_steps=4", ["'max_steps=4'", "section.field=value"]),
-    ("", "train.max_steps", ["section.field=value"]),
+    ("lora:\n", "lora.rr=4", ["lora.rr", "did you mean lora.r"]),
+    ("lora:\n", "max_steps=4", ["'max_steps=4'", "section.field=value"]),
+    ("lora:\n", "train.max_steps", ["section.field=value"]),
     ("lora:\n  r: sixteen\n", None, ["lora.r", "'sixteen'", "expected int"]),
     ("lora:\n  r: 1.5\n", None, ["lora.r", "1.5", "expected int"]),
     ("train:\n  gradient_checkpointing: 1\n", None, ["train.gradient_checkpointing", "expected bool"]),
@@ -97,11 +97,20 @@ def test_defaults_and_overrides(tmp_path: Path):
     ("lora:\n  targets: []\n", None, ["lora.targets", "non-empty"]),
     ("optim:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n", None, ["optim.warmup_steps", "not both"]),
     ("train:\n  max_steps: null\n  epochs: null\n", None, ["train.epochs", "train.max_steps"]),
-    ("train:\n  micro_batch_size: 0\n", None, ["train.micro_batch_size", "> 0"]),
+    ("train:\n  micro_batch_size: 0\n", None, ["train.micro_batch_size", "from 1 to 65,536"]),
     ("train:\n  distributed: fsdp\n", None, ["quant.quant_storage", "'uint8'", "'bf16'"]),
     ("lora: 16\n", None, ["lora", "16", "expected a mapping"]),
     ("- a\n- b\n", None, ["mapping of sections"]),
     ("lora: [\n", None, ["not valid YAML"]),
+    ("", None, ["is empty", "train"]),
+    ("# only a comment\n", None, ["is empty"]),
+    ("lora:\n  r: 8\n  r: 4\n", None, ["'r'", "twice", "lines 2 and 3"]),
+    ("lora: {r: 8}\nlora: {r: 4}\n", None, ["'lora'", "twice"]),
+    ("lora:\n  r: 100000000000\n", None, ["lora.r", "100000000000", "from 1 to 8,192"]),
+    ("train:\n  threads: 100000000000\n", None, ["train.threads", "from 1 to 4,096"]),
+    ("train:\n  max_steps: 1000000000000000000000000000000\n", None, ["train.max_steps", "1,000,000,000"]),
+    ("optim:\n  warmup_steps: 1000000000000000000000\n", None, ["optim.warmup_steps", "1,000,000,000"]),
+    ("train:\n  max_bad_steps: 0\n", None, ["train.max_bad_steps", "from 1"]),
 ])
 def test_errors_name_key_value_and_allowed(tmp_path: Path, text: str, override: str | None, needles: list[str]):
     with pytest.raises(UsageError) as e:

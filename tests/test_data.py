@@ -71,6 +71,13 @@ def test_chat_masks_everything_but_assistant_turns(tok):
     assert stats.truncated == 0 and not stats.skipped
 
 
+def test_chat_roles_outside_the_templates_are_skipped_and_named(tok):
+    typo = {"messages": [{"role": "sytem", "content": "Be brief"}, *CHAT["messages"][1:]]}
+    examples, stats = encode([typo, CHAT], tok, "chat")
+    assert len(examples) == 1
+    assert "'sytem'" in str(stats.skipped) and "system, user, assistant" in str(stats.skipped)
+
+
 def test_chat_train_on_prompt_labels_every_token(tok):
     (ex,), _ = encode([CHAT], tok, "chat", train_on_prompt=True)
     assert ex["labels"] == ex["input_ids"]
@@ -198,7 +205,7 @@ def test_file_errors(tmp_path: Path):
         load_records(str(tmp_path / "data.txt"))
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "caf\xe9 \xff\xfe"}\n')  # Latin-1 bytes: not UTF-8
-    with pytest.raises(UsageError, match=r"cannot read data file .*bad.jsonl' as json"):
+    with pytest.raises(UsageError, match=r"data file .*bad.jsonl' line 1: invalid UTF-8 \(byte 0xe9\)"):
         load_records(str(bad))
     with pytest.raises(UsageError, match="hub is offline"):
         load_records("someone/some-dataset")
@@ -298,3 +305,30 @@ def test_packing(tok):
     rows = [{"text": "hello world " * (i % 5 + 1)} for i in range(30)]
     train, _, stats = make_dataloaders(tok, DataConfig(packing=True, max_length=32, eval_size=0), 2, 0, records=rows)
     assert all(len(ex["input_ids"]) == 32 for ex in train.dataset[:-1]) and stats.truncated == 0
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("d.jsonl", b'{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', ["line 2", "not valid JSON"]),
+    ("d.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', ["line 2", "invalid UTF-8"]),
+    ("d.jsonl", b'{"text": "a"}\n\n{"text": "b\x00"}\n', ["line 3", "NUL"]),
+    ("d.jsonl", b'{"text": "a"}\n[1, 2]\n', ["line 2", "JSON object"]),
+    ("d.json", b'[{"text": "a"},\n {"text": }]\n', ["line 2", "not valid JSON"]),
+    ("d.csv", b"input,output\nhi,there\nhow,are,you\n", ["line 3", "3 fields", "header has 2"]),
+    ("d.jsonl", b"  \n", ["is empty"]),
+])
+def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, words):
+    from qlora.data import load_records
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as err:
+        load_records(str(path))
+    assert str(path) in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_a_folder_is_not_a_data_file(tmp_path):
+    from qlora.data import load_records
+
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(UsageError, match="is a folder"):
+        load_records(str(tmp_path / "rows.jsonl"))

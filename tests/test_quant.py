@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import qlora
 from qlora.quant import QuantState, bits_per_param, codebook, dequantize_4bit, matmul_4bit, quantize_4bit
 from qlora.quant import backends
 
@@ -264,7 +266,7 @@ def test_dequantize_into_reused_buffer(backend):
     (torch.tensor([1.0, float("inf")]), {}, "NaN/Inf"),
     (torch.empty(0), {}, "empty"),
     (torch.ones(4, dtype=torch.int32), {}, "x.dtype"),
-    (torch.ones(64), {"blocksize": 48}, "blocksize must be one of"),
+    (torch.ones(64), {"blocksize": 48}, "blocksize must be an int, one of"),
     (torch.ones(64), {"quant_type": "nf5"}, "quant_type must be one of"),
     (torch.ones(6), {"quant_storage": torch.bfloat16}, "cannot be viewed as"),
 ])
@@ -308,3 +310,31 @@ def test_reference_quantise_in_chunks_equals_one_pass(monkeypatch, n):
     monkeypatch.setattr(backends, "REFERENCE_CHUNK", 96)  # chunks of 64 elements (whole blocks, even)
     chunked = backends.REFERENCE.quantize(x, 32, "nf4")
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top", [2e38, 3e38])
+def test_double_quant_near_the_fp32_maximum_stays_finite(top, dtype):
+    """The fp32 mean of such block scales overflowed to inf and every value decoded as NaN (issue 10);
+    the offset now falls back to a float64 mean, and the result equals single quantisation's."""
+    x = torch.tensor([top, -top, top / 2, 0.0] * 32).to(dtype)
+    y = qlora.dequantize_4bit(*qlora.quantize_4bit(x, double_quant=True))
+    plain = qlora.dequantize_4bit(*qlora.quantize_4bit(x, double_quant=False))
+    assert torch.isfinite(y).all() and torch.equal(y, plain)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: qlora.quantize_4bit([1.0] * 64), "torch.Tensor, got list"),
+    (lambda: qlora.quantize_4bit(np.ones(64, dtype=np.float32)), "torch.Tensor, got ndarray"),
+    (lambda: qlora.quantize_4bit(torch.ones(64), blocksize=64.0), "blocksize must be an int"),
+])
+def test_wrong_argument_types_are_clear_value_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_state_with_blocksize_0_is_refused():
+    packed, state = qlora.quantize_4bit(torch.ones(64), double_quant=False)
+    state.blocksize = 0
+    with pytest.raises(ValueError, match="state.blocksize must be an int"):
+        qlora.dequantize_4bit(packed, state)

@@ -184,3 +184,39 @@ def test_resume_puts_paged_optimiser_state_back_into_paged_buffers():
     assert out is made[0] and torch.equal(out, saved)
     on_cpu = torch.zeros(4, 3)  # paging needs CUDA: on the CPU the saved tensor is used as it is
     assert _state_buffer(optimizer, on_cpu, "state1", saved) is saved and len(made) == 1
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tiny_run, home, tmp_path):
+    """A truncated adapter in the newest checkpoint fails its manifest: resume names it, takes the
+    previous one, redoes the steps without duplicating their metrics and ends with the same bytes."""
+    import shutil
+
+    out, _ = tiny_run
+    copy = tmp_path / "damaged"
+    shutil.copytree(out, copy)
+    weights = copy / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (copy / "checkpoints" / ".step-000006.tmp-abc123").mkdir()  # a killed save's leftover
+    result = run_cli("train", str(TINY), f"output.dir={copy}", "--resume", "--samples", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping checkpoint" in result.stderr and "step-000004" in result.stderr
+    assert "resumed from" in result.stdout and "step-000002" in result.stdout
+    steps = [r["step"] for r in read_metrics(copy) if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # the redone steps replace their earlier records
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    for name in ("adapter/adapter_model.safetensors", "checkpoints/step-000004/adapter/adapter_model.safetensors"):
+        assert (copy / name).read_bytes() == (out / name).read_bytes()  # bit-identical, deterministic bytes
+
+
+def test_a_tampered_state_is_refused_with_a_message(tiny_run, home, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    copy = tmp_path / "tampered"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-000004")
+    state = copy / "checkpoints" / "step-000002" / "trainer_state.rank0.pt"
+    state.write_bytes(state.read_bytes()[:-64] + b"\0" * 64)
+    result = run_cli("train", str(TINY), f"output.dir={copy}", "--resume", "--samples", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not match the checksum" in result.stderr and "no complete checkpoint" in result.stderr

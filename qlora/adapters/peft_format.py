@@ -11,7 +11,9 @@ A folder holds two files:
 ``target_modules`` is written as the list of leaf names (``["q_proj", "v_proj"]``) when those names
 select exactly the adapted modules, else as a regex over the full names, which PEFT matches with
 ``re.fullmatch``, so PEFT adapts the same modules we did. Folders are written atomically, and the
-safetensors bytes are deterministic (sorted keys, fixed metadata).
+safetensors bytes are deterministic: sorted keys and ONE metadata entry (``format: pt``), because
+safetensors writes its metadata map in a per-process random order, so two entries made two
+identical runs' files differ (the recipe.yaml beside a run's adapter keeps the recipe's targets).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from qlora.adapters.spec import CONFIG_FILE, LoraSpec, read_spec, targets_repr
+from qlora.adapters.spec import CONFIG_FILE, LoraSpec, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
 from qlora.errors import UsageError
-from qlora.io import atomic_folder, write_json_atomic
+from qlora.io import atomic_folder, write_bytes_atomic, write_json_atomic
 from qlora.nn.adapter import adapter_layers
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -60,10 +62,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_model_name_or_path: str) -> Path:
     """Write the model's adapter weights and ``spec`` as a PEFT adapter folder (replaced atomically).
 
-    ``target_modules`` is derived from the modules actually adapted; ``spec.targets`` is kept for
-    provenance in the safetensors metadata (``qlora_targets``), where PEFT does not look.
+    ``target_modules`` is derived from the modules actually adapted.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     layers = adapter_layers(model)
     if not layers:
@@ -77,8 +78,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).is_file():
         raise UsageError(f"save_adapter: {out_dir} exists and is not an adapter folder; refusing to replace it")
     with atomic_folder(out_dir, replace=True) as tmp:
-        metadata = {"format": "pt", "qlora_targets": targets_repr(spec.targets)}
-        save_file(dict(sorted(tensors.items())), tmp / WEIGHTS_FILE, metadata=metadata)
+        # Bytes first, then a Python write: a full disk raises OSError(ENOSPC), not a library error.
+        write_bytes_atomic(tmp / WEIGHTS_FILE, save(dict(sorted(tensors.items())), metadata={"format": "pt"}))
         write_json_atomic(tmp / CONFIG_FILE, config)
     return out_dir
 

@@ -15,7 +15,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from qlora.errors import UsageError
 
@@ -105,7 +104,3 @@ def read_spec(adapter_dir: str | Path, dtype: str = "bf16") -> tuple[LoraSpec, d
     config = read_peft_config(adapter_dir)
     return LoraSpec.from_peft_config(config, str(Path(adapter_dir) / CONFIG_FILE), dtype), config
 
-
-def targets_repr(targets: str | Sequence[str]) -> str:
-    """The targets as JSON (kept in safetensors metadata for provenance)."""
-    return json.dumps(targets if isinstance(targets, str) else list(targets))

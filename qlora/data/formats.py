@@ -28,6 +28,9 @@ ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired wi
                        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
+
+
 class BadRow(Exception):
     """A row that cannot be used; the message is the skip reason (names the column)."""
 
@@ -68,6 +71,8 @@ def _chat(messages: Any, tokenizer) -> tuple[str, list[tuple[int, int]]]:
         if not isinstance(turn, dict):
             raise BadRow("'messages' turn is not a {role, content} mapping")
         _text(turn, "role"), _text(turn, "content")
+        if turn["role"] not in CHAT_ROLES:
+            raise BadRow(f"'messages' role {turn['role']!r} is not one of {', '.join(CHAT_ROLES)}")
     if not any(t["role"] == "assistant" for t in messages):
         raise BadRow("'messages' has no assistant turn")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from qlora.data.checks import check_data_file
 from qlora.errors import UsageError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -52,11 +53,12 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     path = Path(source).expanduser()
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is not None or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"data file {source!r} does not exist")
         if builder is None:
             raise UsageError(f"data file {source!r}: unknown extension {path.suffix!r}; "
                              f"allowed: {', '.join(FILE_BUILDERS)}")
+        check_data_file(path, builder)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
         except Exception as e:  # datasets / pyarrow raise many types for unreadable files

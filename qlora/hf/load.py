@@ -45,7 +45,8 @@ from qlora.quant.format import QuantFormat
 if TYPE_CHECKING:
     from qlora.config import RecipeConfig
 
-def _empty_model(config, compute_dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def _empty_model(config, compute_dtype: torch.dtype, trust_remote_code: bool,
+                 attn_implementation: str | None = None) -> nn.Module:
     """The architecture with parameters on meta and buffers computed for real (see module docstring)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -53,9 +54,15 @@ def _empty_model(config, compute_dtype: torch.dtype, trust_remote_code: bool) ->
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
-                config, dtype=compute_dtype, trust_remote_code=trust_remote_code
+                config, dtype=compute_dtype, trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
             )
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
+        if attn_implementation and (isinstance(err, ImportError) or "attention" in str(err).lower()):
+            raise UsageError(f"model.attn_implementation: {attn_implementation!r} cannot be used here "
+                             f"({str(err).splitlines()[0]}); 'sdpa' and 'eager' work everywhere") from None
+        if isinstance(err, ImportError):
+            raise
         raise UsageError(
             f"model_type {getattr(config, 'model_type', None)!r} is not a causal LM transformers "
             f"knows ({str(err).splitlines()[0]})"
@@ -217,6 +224,7 @@ def load_model(
     skip_modules: Sequence[str] = ("lm_head",),
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a causal LM, quantising every ``nn.Linear`` not named in ``skip_modules`` as it streams in.
 
@@ -230,6 +238,7 @@ def load_model(
         skip_modules: module names kept unquantised (``qlora.nn.swap.name_matches``). A tied
             lm_head is never quantised.
         device: where the model ends up; tensors are moved there (and quantised there) one by one.
+        attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None: its default.
 
     A folder whose config.json carries a bitsandbytes 4-bit ``quantization_config`` loads as it is
     stored (``quant`` is then ignored).
@@ -243,7 +252,7 @@ def load_model(
         del config.quantization_config
     files = weight_files(folder)
     device = torch.device(device)
-    model = _empty_model(config, compute_dtype, trust_remote_code)
+    model = _empty_model(config, compute_dtype, trust_remote_code, attn_implementation)
     tied_head = tied_output_name(model)
     expected = [k for k in model.state_dict() if tied_head is None or not k.startswith(tied_head + ".")]
     names = _checkpoint_names(model, expected, set(files))
@@ -288,4 +297,4 @@ def load_base_model(cfg: "RecipeConfig", device: torch.device) -> nn.Module:
     m = cfg.model
     fmt = cfg.quant.format(m.dtype) if cfg.quant.enabled else None
     return load_model(m.name_or_path, quant=fmt, dtype=torch_dtype(m.dtype), skip_modules=tuple(cfg.quant.skip_modules),
-                      trust_remote_code=m.trust_remote_code, device=device)
+                      trust_remote_code=m.trust_remote_code, device=device, attn_implementation=m.attn_implementation)

@@ -19,20 +19,25 @@ from qlora.quant.format import STORAGE_DTYPES
 from qlora.quant.state import NestedState, QuantState
 
 GEMV_MAX_ROWS = 8  # up to this many input rows, matmul reads the packed weight directly (decode)
+# Above this block scale, double quantisation's `code * absmax2 + offset` may round past the fp32
+# maximum (3.4e38), so such states are decoded once and checked.
+LARGE_SCALE = 1e38
+
+
+def _check_blocksize(blocksize: int, what: str = "blocksize") -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"{what} must be an int, one of {BLOCKSIZES}, got {blocksize!r}")
 
 
 def _check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype,
                          check_finite: bool = True) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x.dtype must be one of float32, float16, bfloat16, got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to quantise")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    _check_blocksize(blocksize)
     if quant_storage not in STORAGE_DTYPES:
         raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage}")
     # A sum is finite when every element is (cheap); only a non-finite sum (maybe an overflow of
@@ -49,6 +54,8 @@ def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     Returns `packed`, shape ((n+1)//2 bytes viewed as `quant_storage`, 1), and the `QuantState`
     (fp32 absmax per block, or their 8-bit codes + nested scales with `double_quant`).
     """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__} (use torch.as_tensor(x))")
     kernels = backends.select(x.device)
     _check_quantize_args(x, quant_type, blocksize, quant_storage, check_finite=not kernels.checks_finite)
     n = x.numel()
@@ -60,8 +67,12 @@ def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
 
     state2 = None
     if double_quant:
+        large = bool(absmax.max() > LARGE_SCALE)
         codes, nested_absmax, offset = reference.double_quantize(absmax)
         state2 = NestedState(nested_absmax, dynamic_map().to(x.device, copy=True), offset)
+        if large and not torch.isfinite(reference.double_dequantize(codes, nested_absmax, state2.code, offset)).all():
+            raise ValueError(f"x has values up to {float(absmax.max()):.3g}, too close to the float32 maximum for "
+                             "double quantisation of the block scales; use double_quant=False")
         absmax = codes
     state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize,
                        quant_type=quant_type, code=codebook(quant_type, x.device), state2=state2)
@@ -77,6 +88,9 @@ def _packed_bytes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """The packed codes as a flat uint8 tensor, checked against the state."""
     if not isinstance(state, QuantState):
         raise ValueError(f"state must be a QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor):
+        raise ValueError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    _check_blocksize(state.blocksize, "state.blocksize")
     data = packed.contiguous().reshape(-1).view(torch.uint8)
     expected = (state.numel + 1) // 2
     if data.numel() != expected:

@@ -113,6 +113,8 @@ def dequantize_8bit_blocks(codes: torch.Tensor, absmax: torch.Tensor, code: torc
 def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 absmax -> (uint8 codes, fp32 nested absmax, fp32 offset): quantises absmax - mean."""
     offset = absmax.mean()
+    if not torch.isfinite(offset):  # the fp32 sum overflowed: scales near the fp32 maximum
+        offset = absmax.double().mean().float()
     codes, nested_absmax = quantize_8bit_blocks(absmax - offset, blocksize)
     return codes, nested_absmax, offset
 

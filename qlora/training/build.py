@@ -17,7 +17,7 @@ from qlora.adapters.surgery import apply_lora, prepare_for_training
 from qlora.config import RecipeConfig
 from qlora.errors import UsageError
 from qlora.hf.load import load_base_model
-from qlora.run_dir import MARKERS, RunDir
+from qlora.run_dir import LOCK, MARKERS, RunDir
 from qlora.training.checkpoint import latest_checkpoint
 
 
@@ -28,19 +28,21 @@ def build_model(cfg: RecipeConfig, rt: runtime.Runtime) -> nn.Module:
     return prepare_for_training(model, cfg.train.gradient_checkpointing)
 
 
-def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> tuple[Path, bool]:
-    """Check the output folder; returns (folder, whether an old run there must be cleared first)."""
+def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> tuple[Path, bool, Path | None]:
+    """Check the output folder (its lock already held); returns (folder, whether an old run there
+    must be cleared first, the checkpoint to resume from)."""
     run_dir = Path(cfg.output.dir)
     if resume:
-        if latest_checkpoint(run_dir) is None:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
             raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-        return run_dir, False
-    if not (run_dir.exists() and any(run_dir.iterdir())):
-        return run_dir, False
+        return run_dir, False, checkpoint
+    if not (run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir())):
+        return run_dir, False, None
     if not cfg.output.overwrite:
         raise UsageError(f"output.dir {str(run_dir)!r} already exists; pass --overwrite "
                          "(or output.overwrite=true), --resume, or choose another output.dir")
     if not RunDir(run_dir).is_run():
         raise UsageError(f"output.dir {str(run_dir)!r} is not empty and holds no qlora run "
                          f"({' / '.join(MARKERS)}); refusing to delete it with --overwrite")
-    return run_dir, True
+    return run_dir, True, None

@@ -7,12 +7,21 @@ A checkpoint is a folder `checkpoints/step-000050/` in the run folder holding
 
 The state files are written with `torch.save` and read with `torch.load(weights_only=True)`,
 which only rebuilds tensors and plain containers (no arbitrary unpickling), so a tampered file
-cannot run code. Each checkpoint is built in a temporary folder and renamed into place, so a run
-killed mid-save leaves the previous checkpoint intact and never a half-written one.
+cannot run code. Each checkpoint is built in a temporary folder, fsynced and renamed into place,
+so a run killed mid-save leaves the previous checkpoint intact and never a half-written one.
+
+`manifest.json` records every file's size and SHA-256 at write time. Resume takes the newest
+checkpoint that still verifies (a truncated or altered file fails) and names each one it skips, so
+a damaged newest checkpoint costs `save_every` steps, not the run. Checkpoints written before
+manifests existed are accepted as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -23,10 +32,12 @@ import torch.nn as nn
 from qlora.adapters.peft_format import WEIGHTS_FILE, load_adapter_weights, save_adapter
 from qlora.adapters.spec import LoraSpec
 from qlora.errors import UsageError
-from qlora.io import atomic_folder
+from qlora.io import atomic_folder, write_json_atomic
 from qlora.run_dir import ADAPTER, CHECKPOINTS
 
 STATE_FILE = "trainer_state.rank{rank}.pt"
+MANIFEST = "manifest.json"
+log = logging.getLogger("qlora")
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
@@ -35,11 +46,52 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+    """The checkpoint with the highest step that verifies against its manifest, or None."""
     folder = run_dir / CHECKPOINTS
-    found = [(int(m.group(1)), p) for p in folder.glob("step-*")
-             if (m := _STEP_DIR.search(p.name)) and (p / STATE_FILE.format(rank=0)).is_file()] if folder.is_dir() else []
-    return max(found)[1] if found else None
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := _STEP_DIR.search(p.name))] \
+        if folder.is_dir() else []
+    for _, path in sorted(found, reverse=True):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file under `folder` in `folder/manifest.json`."""
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_json_atomic(folder / MANIFEST, {"files": files})
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint `folder` is complete and unaltered, else what is wrong with it."""
+    if not (folder / STATE_FILE.format(rank=0)).is_file():
+        return f"no {STATE_FILE.format(rank=0)}"
+    if not (folder / MANIFEST).is_file():
+        return None  # written before manifests existed
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written"
+        if _digest(path) != want["sha256"]:
+            return f"{name} does not match the checksum recorded when it was written"
+    return None
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, spec: LoraSpec, base_model: str,
@@ -52,20 +104,27 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, spec: LoraSpec, 
     final = checkpoint_dir(run_dir, step)
     if not rt.is_main:
         tmp = Path(_exchange_path(None, rt))
-        torch.save(rank_state, tmp / STATE_FILE.format(rank=rt.rank))
+        _save_state(rank_state, tmp / STATE_FILE.format(rank=rt.rank))
         _barrier(rt)  # states written
         _barrier(rt)  # folder renamed
         return final
     with atomic_folder(final, replace=True) as tmp:
         _exchange_path(str(tmp), rt)
-        torch.save(rank_state, tmp / STATE_FILE.format(rank=0))
+        _save_state(rank_state, tmp / STATE_FILE.format(rank=0))
         _barrier(rt)
         save_adapter(model, tmp / ADAPTER, spec, base_model)
+        write_manifest(tmp)
     older = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p != final)
     for stale in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     _barrier(rt)
     return final
+
+
+def _save_state(state: dict, path: Path) -> None:
+    """torch.save through a Python file, so a full disk raises OSError(ENOSPC) with the path."""
+    with path.open("wb") as f:
+        torch.save(state, f)
 
 
 def _exchange_path(path: str | None, rt) -> str | None:
@@ -126,5 +185,14 @@ def load_checkpoint(path: Path, model: nn.Module, rank: int = 0, world_size: int
         raise UsageError(f"checkpoint {path} was written by {written} process(es); resume it with "
                          f"{written}, not {world_size}")
     weights = path / ADAPTER / WEIGHTS_FILE
-    load_adapter_weights(model, load_file(weights), weights)
-    return torch.load(path / STATE_FILE.format(rank=rank), weights_only=True)
+    try:
+        tensors = load_file(weights)
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise UsageError(f"checkpoint adapter {weights} is not a readable safetensors file ({err})") from None
+    load_adapter_weights(model, tensors, weights)
+    state_file = path / STATE_FILE.format(rank=rank)
+    try:
+        return torch.load(state_file, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise UsageError(f"checkpoint state {state_file} is damaged or was altered, refused: "
+                         f"{str(err).splitlines()[0]}; delete {path} to resume from an older checkpoint") from None

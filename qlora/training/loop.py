@@ -13,13 +13,16 @@ processes, so each process scales its sum by world_size / global_tokens.
 Resume (`resume=True`) reloads the newest checkpoint of the run folder: adapter weights, optimiser
 and scheduler states, RNG states and the sampler position, so the continued run takes the same
 batches with the same dropout masks as an uninterrupted one.
+
+Reliability lives beside the loop, not in it: `guard` (a non-finite step is skipped, too many in a
+row stop the run with exit status 3, non-finite weights are never saved) and `lock` (one live run
+per folder, leftovers of a killed run removed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,9 @@ from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
 from qlora.run_dir import RunDir
 from qlora.training.build import build_model, prepare_run_dir
-from qlora.training.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from qlora.training.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from qlora.training.guard import StepGuard, inject_nan
+from qlora.training.lock import clear_run_dir, run_lock
 from qlora.training.metrics import MetricsLogger
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -80,27 +85,34 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
           phase: Callable[[str], contextlib.AbstractContextManager] = no_phases) -> dict:
     """Run the recipe; returns a summary (losses before/after, steps, tokens/s, output paths).
 
+    The main process holds the run folder's lock throughout (a second run on it is refused).
     `phase(name)` wraps each stage in a context manager, for profilers (tools/memory_profile.py):
     "load", "forward", "backward", "optimizer", "eval", "save".
     """
+    with run_lock(Path(cfg.output.dir), enabled=runtime.process_rank() == 0):
+        return _train(cfg, resume, samples, phase)
+
+
+def _train(cfg: RecipeConfig, resume: bool, samples: int,
+           phase: Callable[[str], contextlib.AbstractContextManager]) -> dict:
     tc = cfg.train
     rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
-    run_dir, clear_old_run = prepare_run_dir(cfg, resume)
+    run_dir, clear_old_run, checkpoint = prepare_run_dir(cfg, resume)
     runtime.seed_everything(tc.seed)
     say = print if rt.is_main else (lambda *a, **k: None)
 
-    t_load = time.perf_counter()
-    with phase("load"):
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = build_model(cfg, rt)
-    say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
-        f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    # Data before the model: a bad row is reported in seconds, not after a minutes-long 7B+ load.
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
                                                         rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
+    t_load = time.perf_counter()
+    with phase("load"):
+        model = build_model(cfg, rt)
+    say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
+        f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
     steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
     total_steps = tc.max_steps or steps_per_epoch * (tc.epochs or 1)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:  # adapter weights go in before FSDP shards them
         state = load_checkpoint(checkpoint, model, rt.rank, rt.world_size)
     loss_fn: nn.Module = CausalLMLoss(model, tc.loss_chunk_size)
@@ -119,10 +131,10 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
         say(f"resumed from {checkpoint} at step {progress.step}")
     if rt.is_main:
         if clear_old_run:  # only now that the model and data loaded: a failed start keeps the old run
-            shutil.rmtree(run_dir)
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, RunDir(run_dir).recipe)
-    metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main)
+    metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main, resume_step=progress.step)
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"
     prompts = _sample_prompts(cfg, samples) if samples and rt.is_main and not sharded else []
@@ -136,6 +148,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
             f"ppl {summary['eval_before']['eval_ppl']:.2f}")
 
     batches = _micro_batches(train_loader)
+    guard = StepGuard(tc.max_bad_steps)
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not rt.is_main, desc="train", unit="step")
     t_train, tokens_at_start = time.perf_counter(), progress.tokens
@@ -155,8 +168,10 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
                     (loss_sum * scale).backward()
             loss_total += loss_sum.detach()
         with phase("optimizer"):
+            inject_nan(optimizer, progress.step + 1)  # test hook, off unless QLORA_INJECT_NAN_STEPS is set
             grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
-            optimizer.step()
+            if step_ok := guard.step_ok(grad_norm, progress.step + 1):
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -169,7 +184,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
             record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
                       "loss": float(loss_total) / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
                       "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
-                      "grad_norm": float(grad_norm)}
+                      "grad_norm": float(grad_norm), **({} if step_ok else {"skipped": True})}
             metrics.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             summary["last_loss"] = record["loss"]
@@ -180,6 +195,8 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
                 metrics.log({"step": progress.step, **evaluate(loss_fn, eval_loader, rt, tc.eval_steps)})
         if tc.save_every and progress.step % tc.save_every == 0:
             with phase("save"), full_parameters(loss_fn):
+                if not guard.can_checkpoint(model, progress.step):
+                    continue
                 state = {"optimizer": to_local(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                          "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
                          "progress": {"step": progress.step, "tokens": progress.tokens}}
@@ -197,6 +214,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
             summary["eval_after"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
         metrics.log({"step": progress.step, **summary["eval_after"]})
     with phase("save"), full_parameters(loss_fn):
+        guard.check_final(model, progress.step)
         if rt.is_main:
             save_adapter(model, RunDir(run_dir).adapter, cfg.lora.spec(), cfg.model.name_or_path)
             summary["adapter"] = str(RunDir(run_dir).adapter)

@@ -2,7 +2,10 @@
 
 Train records (one per optimiser step): step, epoch, loss, lr, tokens (cumulative input tokens),
 step_time_s, tokens_per_s, grad_norm. Eval records: step, eval_loss, eval_ppl, eval_tokens.
-Only the main process writes. The file is appended to, so a resumed run continues it.
+Only the main process writes. The file is appended to, so a resumed run continues it; records of
+the steps after the checkpoint it resumes from (the steps it redoes) are dropped first, so no step
+appears twice. The file is strict JSON: a non-finite number (a skipped NaN step's loss and
+gradient norm) is written as null, never as the bare `NaN` that strict readers reject.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ import json
 import math
 from pathlib import Path
 
+from qlora.io import write_text_atomic
 from qlora.run_dir import RunDir
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.path = RunDir(run_dir).metrics
+        if enabled and resume_step and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            write_text_atomic(self.path, "".join(line for line in lines if _step_at_most(line, resume_step)))
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -31,7 +38,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_line(record))
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -40,3 +47,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _line(record: dict) -> str:
+    """One strict-JSON line; non-finite floats become null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def _step_at_most(line: str, step: int) -> bool:
+    """True for a whole record of a step <= `step` (a line torn by a kill is dropped too)."""
+    try:
+        return json.loads(line).get("step", 0) <= step and line.endswith("\n")
+    except ValueError:
+        return False
