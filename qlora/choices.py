@@ -19,3 +19,7 @@ QUANT_STORAGE = ("uint8", "bf16")
 """What the packed 4-bit bytes are viewed as (bf16 lets FSDP shard them beside bf16 parameters)."""
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 """Optimiser names: bitsandbytes' paged / 8-bit AdamW variants, or torch AdamW."""
+COMBINE_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
+                   "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+"""`qlora combine` methods, PEFT's `add_weighted_adapter` names (`*_svd`: the rank-R SVD of the
+combined delta instead of combining the A and B factors separately)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora.adapters.peft_format import PEFT_PREFIX
+from qlora.adapters.peft_format import lora_pairs
 from qlora.adapters.spec import LoraSpec
 from qlora.errors import UsageError
 from qlora.nn.lora import add_delta, lora_delta
@@ -58,16 +58,8 @@ def dequantized_state_dict(base: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def adapter_deltas(adapter: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, torch.Tensor]:
     """`<fqn>.weight` -> fp32 scaling * B @ A, from a PEFT-keyed adapter state dict."""
-    deltas = {}
-    for key, lora_A in adapter.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        fqn = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-        lora_B = adapter.get(key.replace(".lora_A.", ".lora_B."))
-        if lora_B is None:
-            raise UsageError(f"adapter tensor {key!r} has no matching lora_B")
-        deltas[f"{fqn}.weight"] = lora_delta(lora_A, lora_B, spec.scaling)
-    return deltas
+    return {f"{fqn}.weight": lora_delta(lora_A, lora_B, spec.scaling)
+            for fqn, (lora_A, lora_B) in lora_pairs(adapter).items()}
 
 
 def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], spec: LoraSpec,

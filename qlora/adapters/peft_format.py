@@ -64,16 +64,20 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
 
     ``target_modules`` is derived from the modules actually adapted.
     """
-    from safetensors.torch import save
-
     layers = adapter_layers(model)
     if not layers:
         raise UsageError("save_adapter: the model has no adapter layers (call apply_lora first)")
     wrong = [fqn for fqn, m in layers.items() if getattr(m, "r", spec.r) != spec.r]
     if wrong:
         raise UsageError(f"save_adapter: r={spec.r}, but modules {wrong[:3]} have r={layers[wrong[0]].r}")
-    tensors = adapter_state_dict(model)
     config = spec.peft_config(_target_modules(model, list(layers)), base_model_name_or_path)
+    return write_adapter(out_dir, adapter_state_dict(model), config)
+
+
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write PEFT-keyed ``tensors`` and a PEFT ``config`` as an adapter folder (replaced atomically)."""
+    from safetensors.torch import save
+
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).is_file():
         raise UsageError(f"save_adapter: {out_dir} exists and is not an adapter folder; refusing to replace it")
@@ -96,6 +100,24 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:
         raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
     return {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+
+
+def lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``<fqn>`` -> (A (r, in), B (out, r)) of a PEFT-keyed adapter state dict, in its key order."""
+    pairs = {}
+    for key, lora_A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        lora_B = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if lora_B is None:
+            raise UsageError(f"adapter tensor {key!r} has no matching lora_B")
+        pairs[key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")] = (lora_A, lora_B)
+    return pairs
+
+
+def peft_key(fqn: str, factor: str) -> str:
+    """PEFT's state-dict key of module ``fqn``'s ``factor`` (``lora_A`` or ``lora_B``)."""
+    return f"{PEFT_PREFIX}{fqn}.{factor}.weight"
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: str = "bf16") -> list[str]:
