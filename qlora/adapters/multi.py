@@ -1,0 +1,229 @@
+"""Several LoRA adapters on one (4-bit) base: load, hot swap, unload, and mixed-adapter batches.
+
+One quantised base serving many fine-tunes is how QLoRA is used after training. `AdapterSet`
+keeps every loaded adapter as its own (A, B) tensors per module and never copies or touches the
+base weights:
+
+    load_adapter(path, name)   read a PEFT folder; wrap the modules it adapts that are not yet
+                               `LoRALinear` (the union of all loaded adapters' targets is wrapped);
+                               loading never changes what the model computes
+    set_adapter(name)          a pointer swap: every `LoRALinear` gets the named adapter's A and B
+                               parameters and scaling (no copy, no allocation); the layers that
+                               adapter does not adapt are `disabled`. `None` runs the base only.
+    disabled()                 a block that runs the base, then restores the active adapter
+    unload(name)               drop an adapter's tensors; unwrap modules no adapter adapts any more
+    mixed(rows)                a block in which one forward over a batch uses adapter rows[i]
+                               (None: the base) for row i
+
+Cost. A switch is O(number of adapted modules) attribute assignments: tens of microseconds for
+the embedded 135M model (tools/bench_adapters.py measures it), independent of the adapters'
+size. Memory grows by each adapter's tensors only (r * (in + out) per module in the adapter
+dtype), plus one r=1 placeholder A and B per module the first time a module is wrapped.
+
+Mixed batches. `LoRALinear.forward` computes one adapter for the whole batch, so in a `mixed`
+block every layer runs as `disabled` (base only) and a forward hook adds the per-row update:
+
+    stack the K adapters the batch uses, zero-padded to r_max, behind an all-zero "no adapter":
+        As (K+1, r_max, in),  Bs (K+1, out, r_max),  s (K+1,)
+    for rows x (batch, T, in) with adapter indices i (batch,):
+        update = s[i] * bmm(bmm(x, As[i]^T), Bs[i]^T)                 (batch, T, out)
+
+Zero padding adds exact zeros, so each row equals that row run alone with its adapter, up to the
+different summation order of bmm and a linear (bf16 rounding; tested). The gathered weights
+cost batch * r_max * (in + out) per layer for the duration of one forward; two small bmms per
+layer replace PEFT's loop over the adapters present. Generation works (each decoding step is a
+forward over the same rows); a batch whose rows are reordered (beam search) is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from qlora.adapters.peft_format import lora_pairs, read_adapter_weights
+from qlora.adapters.spec import LoraSpec, read_spec
+from qlora.adapters.surgery import LINEAR_LIKE
+from qlora.dtypes import torch_dtype
+from qlora.errors import UsageError
+from qlora.nn.lora import LoRALinear
+from qlora.nn.swap import swap_modules
+
+Pair = tuple[nn.Parameter, nn.Parameter]
+
+
+@dataclass
+class LoadedAdapter:
+    """One loaded adapter: its spec, folder and (A, B) parameters by module name."""
+
+    spec: LoraSpec
+    path: Path
+    pairs: dict[str, Pair]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.pairs.values() for t in pair)
+
+
+class AdapterSet:
+    """Named LoRA adapters on one model; at most one active (see the module docstring).
+
+    Args:
+        model: the base model (4-bit or not), with no adapter layers of its own.
+        dtype: dtype of the adapters' tensors (`bf16`, `fp16`, `fp32`).
+    """
+
+    def __init__(self, model: nn.Module, dtype: str = "bf16") -> None:
+        self.model = model
+        self.dtype = torch_dtype(dtype)
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self.active: str | None = None
+        self._layers: dict[str, LoRALinear] = {}
+
+    # --------------------------------------------------------------------------- load / unload
+    def load_adapter(self, path: str | Path, name: str) -> list[str]:
+        """Load the PEFT adapter folder `path` as `name`; returns the modules it adapts."""
+        if name in self.adapters:
+            raise UsageError(f"an adapter named {name!r} is already loaded (from {self.adapters[name].path})")
+        spec, _ = read_spec(path)
+        pairs = lora_pairs(read_adapter_weights(path))
+        self._wrap(list(pairs), Path(path))
+        self.adapters[name] = LoadedAdapter(spec, Path(path), {
+            fqn: self._parameters(fqn, lora_A, lora_B, Path(path)) for fqn, (lora_A, lora_B) in pairs.items()})
+        return list(pairs)
+
+    def unload(self, name: str) -> None:
+        """Forget adapter `name` (deactivating it first) and unwrap modules no adapter needs."""
+        self._check_name(name)
+        if self.active == name:
+            self.set_adapter(None)
+        del self.adapters[name]
+        needed = {fqn for adapter in self.adapters.values() for fqn in adapter.pairs}
+        unused = set(self._layers) - needed
+        swap_modules(self.model, lambda m, fqn: fqn in unused, lambda m: m.base)
+        self._layers = {fqn: layer for fqn, layer in self._layers.items() if fqn in needed}
+        for layer in self._layers.values():  # drop pointers into the forgotten tensors
+            if layer.disabled:
+                _point(layer, _placeholder(layer), LoraSpec(r=1, alpha=1.0))
+
+    def _wrap(self, fqns: list[str], source: Path) -> None:
+        """Wrap the named linear modules not yet wrapped in a disabled `LoRALinear`."""
+        modules = dict(self.model.named_modules())
+        todo = {fqn for fqn in fqns if fqn not in self._layers}
+        wrong = sorted(fqn for fqn in todo if not isinstance(modules.get(fqn), LINEAR_LIKE))
+        if wrong:
+            raise UsageError(f"{source}: adapted modules {wrong[:3]} are not linear layers of this model")
+        swap_modules(self.model, lambda m, fqn: fqn in todo, partial(LoRALinear, r=1, alpha=1.0, dtype=self.dtype))
+        for fqn, module in self.model.named_modules():
+            if fqn in todo:
+                module.disabled = True
+                module.requires_grad_(False)
+                self._layers[fqn] = module
+
+    def _parameters(self, fqn: str, lora_A: torch.Tensor, lora_B: torch.Tensor, source: Path) -> Pair:
+        """The adapter's A and B for module `fqn` on the layer's device, in the set's dtype."""
+        layer = self._layers[fqn]
+        r = lora_A.shape[0]
+        if tuple(lora_A.shape) != (r, layer.in_features) or tuple(lora_B.shape) != (layer.out_features, r):
+            raise UsageError(f"{source}: module {fqn!r} has A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)}; "
+                             f"the model's layer is {layer.in_features} -> {layer.out_features}")
+        device = layer.lora_A.weight.device
+        return tuple(nn.Parameter(t.to(device, self.dtype), requires_grad=False) for t in (lora_A, lora_B))
+
+    # ---------------------------------------------------------------------------------- switch
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` the active adapter (None: the base only), by swapping parameter pointers."""
+        if name is not None:
+            self._check_name(name)
+        adapter = self.adapters[name] if name is not None else None
+        for fqn, layer in self._layers.items():
+            pair = adapter.pairs.get(fqn) if adapter else None
+            if pair is not None:
+                _point(layer, pair, adapter.spec)
+            layer.disabled = pair is None
+        self.active = name
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model inside the block; the active adapter comes back afterwards."""
+        active = self.active
+        self.set_adapter(None)
+        try:
+            yield
+        finally:
+            self.set_adapter(active)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.adapters:
+            raise UsageError(f"no adapter named {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
+
+    # ------------------------------------------------------------------------- mixed batches
+    @contextlib.contextmanager
+    def mixed(self, rows: Sequence[str | None]) -> Iterator[None]:
+        """Inside the block, a forward over a batch of len(rows) uses adapter rows[i] for row i."""
+        for name in rows:
+            if name is not None:
+                self._check_name(name)
+        used = list(dict.fromkeys(name for name in rows if name is not None))
+        index = torch.tensor([0 if name is None else used.index(name) + 1 for name in rows])
+        active = self.active
+        self.set_adapter(None)
+        hooks = []
+        for fqn, layer in self._layers.items():
+            bank = _stack([self.adapters[name] for name in used], fqn, layer)
+            if bank is not None:
+                hooks.append(layer.register_forward_hook(partial(_add_rows, bank=bank, index=index.to(bank[0].device))))
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.set_adapter(active)
+
+
+def _point(layer: LoRALinear, pair: Pair, spec: LoraSpec) -> None:
+    """Point `layer` at another adapter's A and B (no copy) and take its rank and scaling."""
+    layer.lora_A._parameters["weight"], layer.lora_B._parameters["weight"] = pair
+    layer.r, layer.alpha, layer.use_rslora, layer.scaling = spec.r, spec.alpha, spec.use_rslora, spec.scaling
+
+
+def _placeholder(layer: LoRALinear) -> Pair:
+    """A rank-1 zero A and B for a disabled layer, so it holds no unloaded adapter's tensors."""
+    like = layer.lora_A.weight
+    return (nn.Parameter(like.new_zeros(1, layer.in_features), requires_grad=False),
+            nn.Parameter(like.new_zeros(layer.out_features, 1), requires_grad=False))
+
+
+def _stack(adapters: list[LoadedAdapter], fqn: str, layer: LoRALinear):
+    """(As (K+1, r_max, in), Bs (K+1, out, r_max), scalings (K+1,) fp32) with index 0 all zero,
+    or None when none of `adapters` adapts module `fqn`."""
+    present = [a for a in adapters if fqn in a.pairs]
+    if not present:
+        return None
+    r_max = max(a.spec.r for a in present)
+    like = layer.lora_A.weight
+    lora_A = like.new_zeros(len(adapters) + 1, r_max, layer.in_features)
+    lora_B = like.new_zeros(len(adapters) + 1, layer.out_features, r_max)
+    scaling = torch.zeros(len(adapters) + 1, device=like.device)
+    for k, adapter in enumerate(adapters, start=1):
+        if fqn in adapter.pairs:
+            a, b = adapter.pairs[fqn]
+            lora_A[k, : a.shape[0]], lora_B[k, :, : b.shape[1]], scaling[k] = a, b, adapter.spec.scaling
+    return lora_A, lora_B, scaling
+
+
+def _add_rows(layer: LoRALinear, args: tuple, out: torch.Tensor, *, bank, index: torch.Tensor) -> torch.Tensor:
+    """Forward hook: `out` (the base's output) + each row's own adapter update."""
+    x = args[0]
+    if x.dim() != 3 or x.shape[0] != index.numel():
+        raise UsageError(f"a mixed-adapter forward needs inputs (batch={index.numel()}, tokens, features); "
+                         f"got {tuple(x.shape)}")
+    lora_A, lora_B, scaling = bank
+    h = torch.bmm(x.to(lora_A.dtype), lora_A[index].transpose(1, 2))  # (batch, T, r_max)
+    update = torch.bmm(h, lora_B[index].transpose(1, 2)) * scaling[index].view(-1, 1, 1)
+    return out + update.to(out.dtype)
