@@ -150,6 +150,31 @@ def test_generate_command_prompt_and_chat(tiny_run):
     assert bad.returncode == 2 and "--max-new-tokens" in bad.stderr
 
 
+def test_several_adapters_in_one_load(tiny_run, tmp_path):
+    """eval scores each --adapter on one load; generate switches with /adapter. The second adapter
+    is the run's adapter cat-combined with its negative: an update of zero, so it scores the base."""
+    out, _ = tiny_run
+    zero = tmp_path / "zero"
+    combined = run_cli("combine", str(zero), "--adapter", f"{out / 'adapter'}:0.5",
+                       "--adapter", f"{out / 'adapter'}:-0.5", "--method", "cat")
+    assert combined.returncode == 0, combined.stderr[-3000:]
+    result = run_cli("eval", str(out), "--adapter", str(out / "adapter"), "--adapter", f"zero={zero}",
+                     "--json", str(tmp_path / "eval.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained, cancelled = json.loads((tmp_path / "eval.json").read_text())["results"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert trained["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-6)
+    assert cancelled["eval_loss"] == pytest.approx(summary["eval_before"]["eval_loss"], rel=1e-4)
+    base = run_cli("generate", str(out), "--base", "--no-chat", "--max-new-tokens", "6", "--prompt", "Hello")
+    chat = run_cli("generate", str(out), "--adapter", f"zero={zero}", "--adapter", f"run={out / 'adapter'}",
+                   "--use", "run", "--no-chat", "--max-new-tokens", "6",
+                   stdin="Hello\n/adapter none\nHello\n/adapter nope\n/adapter zero\nHello\n\n")
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    answers = chat.stdout.split("\n")[:-1]
+    assert len(answers) == 3 and answers[1] == answers[2] == base.stdout.strip()
+    assert "no adapter named 'nope'; loaded: run, zero" in chat.stderr
+
+
 def test_overwrite_replaces_the_old_run_and_spares_foreign_folders(home, tmp_path):
     foreign = tmp_path / "photos"
     foreign.mkdir()

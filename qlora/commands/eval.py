@@ -1,7 +1,9 @@
 """`qlora eval TARGET [k=v ...]`: loss and perplexity of a model (+ adapter) on a data set.
 
 Evaluate TARGET (a run folder, a recipe file, or a model name/folder) on the recipe's held-out
-split (--split eval) or its training split. A run folder's adapter is used unless --base.
+split (--split eval) or its training split. A run folder's adapter is used unless --base. Several
+--adapter NAME=DIR are scored one after another on one load of the base (one line each; with
+--json, a list of results).
 """
 
 from __future__ import annotations
@@ -34,19 +36,23 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args.target, args.overrides, args.adapter, args.base)
     cfg = target.cfg
     rt = runtime.setup(cfg.train.device, cfg.model.dtype, cfg.train.threads)
-    model, tokenizer = load_for_inference(target, rt.device)
+    model, tokenizer, adapters = load_for_inference(target, rt.device)
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, cfg.train.micro_batch_size,
                                                         cfg.train.seed)
     loader = eval_loader if args.split == "eval" else train_loader
     if loader is None:
         raise UsageError("the recipe holds out no eval rows (data.eval_size / eval_fraction); use --split train")
     max_batches = args.max_batches if args.max_batches is not None else cfg.train.eval_steps
-    result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, max_batches)
-    result.update(model=cfg.model.name_or_path, adapter=str(target.adapter) if target.adapter else None,
-                  split=args.split, dataset=cfg.data.dataset)
-    print(f"{cfg.model.name_or_path}{' + ' + str(target.adapter) if target.adapter else ''} on "
-          f"{cfg.data.dataset} ({args.split}, {result['eval_tokens']} tokens): "
-          f"loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.3f}")
+    results = []
+    for name in list(target.adapters) or [None]:
+        adapters.set_adapter(name)
+        result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, max_batches)
+        folder = str(target.adapters[name]) if name else None
+        result.update(model=cfg.model.name_or_path, adapter=folder, split=args.split, dataset=cfg.data.dataset)
+        print(f"{cfg.model.name_or_path}{' + ' + folder if folder else ''} on "
+              f"{cfg.data.dataset} ({args.split}, {result['eval_tokens']} tokens): "
+              f"loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.3f}", flush=True)
+        results.append(result)
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, results[0] if len(results) == 1 else {"results": results})
     return 0

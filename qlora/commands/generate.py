@@ -2,7 +2,8 @@
 
 Generate with TARGET (a run folder, a recipe file, or a model name/folder; a run folder's adapter
 is used unless --base). Without --prompt, chat on standard input (an empty line or EOF ends; /reset
-clears the history).
+clears the history). Several --adapter NAME=DIR load onto one base: --use NAME picks the one that
+answers (default: the first), and in chat `/adapter NAME` switches (`/adapter none`: the base).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when sampling")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--no-chat", action="store_true", help="plain text completion, no chat template")
+    p.add_argument("--use", metavar="NAME", help="the --adapter NAME that answers (default: the first; none: the base)")
     p.set_defaults(run=run)
 
 
@@ -37,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature}, {args.top_p}")
     target = resolve_target(args.target, args.overrides, args.adapter, args.base)
     rt = runtime.setup(target.cfg.train.device, target.cfg.model.dtype, target.cfg.train.threads)
-    model, tokenizer = load_for_inference(target, rt.device)
+    model, tokenizer, adapters = load_for_inference(target, rt.device)
+    if args.use is not None:
+        adapters.set_adapter(None if args.use == "none" else args.use)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    chat=not args.no_chat, seed=args.seed)
     if args.prompt is not None:
@@ -54,7 +58,24 @@ def run(args: argparse.Namespace) -> int:
         if line.strip() == "/reset":
             history.clear()
             continue
+        if line.split()[0] == "/adapter":
+            print(switch(adapters, line.split()[1:]), file=sys.stderr, flush=True)
+            continue
         history.append({"role": "user", "content": line.strip()})
         answer = generate(model, tokenizer, history if not args.no_chat else line.strip(), **options)
         history.append({"role": "assistant", "content": answer})
         print(f"{'bot> ' if interactive else ''}{answer}", flush=True)
+
+
+def switch(adapters, words: list[str]) -> str:
+    """`/adapter [NAME|none]` in chat: switch (or list) the adapters; returns what to tell the user."""
+    from qlora.errors import UsageError
+
+    loaded = ", ".join(adapters.adapters) or "none loaded"
+    if len(words) != 1:
+        return f"adapters: {loaded}; active: {adapters.active or 'none'} (/adapter NAME|none switches)"
+    try:
+        adapters.set_adapter(None if words[0] == "none" else words[0])
+    except UsageError as err:
+        return str(err)
+    return f"adapter: {adapters.active or 'none (the base model)'}"

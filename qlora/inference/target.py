@@ -6,6 +6,9 @@ A TARGET is one of
 - a model: a built-in name (`smollm2-135m`), a local HF folder, or a 4-bit export.
 The recipe (or the defaults, for a bare model) supplies the quantisation and data settings;
 `section.key=value` overrides apply on top, as for `qlora train`.
+
+`--adapter [NAME=]DIR` may repeat: every adapter is loaded onto the one base
+(`qlora.adapters.multi.AdapterSet`), named NAME or its folder's name, and the first is active.
 """
 
 from __future__ import annotations
@@ -22,22 +25,42 @@ from qlora.run_dir import RunDir
 if TYPE_CHECKING:
     import torch.nn as nn
 
+    from qlora.adapters.multi import AdapterSet
+
 
 def add_target_arguments(p) -> None:
     """The TARGET, overrides, --adapter and --base arguments shared by `eval` and `generate`."""
     p.add_argument("target", help="run folder, recipe .yaml, or model name / folder")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. quant.enabled=false")
-    p.add_argument("--adapter", help="PEFT adapter folder to apply")
+    p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                   help="PEFT adapter folder to apply; repeat to load several onto one base (NAME defaults to the folder's name)")
     p.add_argument("--base", action="store_true", help="use the base model without any adapter")
 
 
 @dataclass
 class Target:
     cfg: RecipeConfig
-    adapter: Path | None
+    adapters: dict[str, Path]
+    """Adapter folders by name, in command-line order (the first is active after loading)."""
 
 
-def resolve_target(target: str, overrides: list[str], adapter: str | None = None, base_only: bool = False) -> Target:
+def parse_adapters(items: list[str]) -> dict[str, Path]:
+    """`[NAME=]DIR` items -> {name: folder}; NAME defaults to the folder's name and must be unique."""
+    adapters: dict[str, Path] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or "/" in name or not name:
+            name, folder = Path(item).name, item
+        if name in adapters:
+            raise UsageError(f"--adapter {item!r}: the name {name!r} is taken; give each adapter a NAME= of its own")
+        if not Path(folder).is_dir():
+            raise UsageError(f"--adapter {item!r}: {folder!r} is not a folder")
+        adapters[name] = Path(folder)
+    return adapters
+
+
+def resolve_target(target: str, overrides: list[str], adapters: list[str] | None = None,
+                   base_only: bool = False) -> Target:
     path, run = Path(target), RunDir(target)
     run_adapter = None
     if path.is_dir() and run.recipe.is_file():
@@ -50,21 +73,24 @@ def resolve_target(target: str, overrides: list[str], adapter: str | None = None
         for item in overrides:
             apply_override(data, item)
         cfg = recipe_from_dict(data)
-    chosen = None if base_only else Path(adapter) if adapter else run_adapter
-    if chosen is not None and not chosen.is_dir():
-        raise UsageError(f"--adapter {str(chosen)!r} is not a folder")
-    return Target(cfg, chosen)
+    if base_only:
+        return Target(cfg, {})
+    if adapters:
+        return Target(cfg, parse_adapters(adapters))
+    return Target(cfg, {"adapter": run_adapter} if run_adapter else {})
 
 
-def load_for_inference(target: Target, device) -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer), with the adapter applied when there is one."""
-    from qlora.adapters.peft_format import load_adapter
+def load_for_inference(target: Target, device) -> tuple[nn.Module, object, AdapterSet]:
+    """(model in eval mode, tokenizer, its adapters): every adapter loaded, the first active."""
+    from qlora.adapters.multi import AdapterSet
     from qlora.hf.folder import load_tokenizer
     from qlora.hf.load import load_base_model
 
     cfg = target.cfg
     model = load_base_model(cfg, device)
-    if target.adapter is not None:
-        load_adapter(model, target.adapter, dtype=cfg.lora.dtype)
+    adapters = AdapterSet(model, cfg.lora.dtype)
+    for name, folder in target.adapters.items():
+        adapters.load_adapter(folder, name)
+    adapters.set_adapter(next(iter(target.adapters), None))
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, adapters
