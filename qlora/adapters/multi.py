@@ -66,6 +66,13 @@ class LoadedAdapter:
     pairs: dict[str, Pair]
 
     @property
+    def attributes(self) -> dict:
+        """What `set_adapter` writes into each layer it points at this adapter."""
+        spec = self.spec
+        return {"disabled": False, "r": spec.r, "alpha": spec.alpha, "use_rslora": spec.use_rslora,
+                "scaling": spec.scaling}
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.pairs.values() for t in pair)
 
@@ -84,6 +91,7 @@ class AdapterSet:
         self.adapters: dict[str, LoadedAdapter] = {}
         self.active: str | None = None
         self._layers: dict[str, LoRALinear] = {}
+        self._slots: dict[str, tuple[dict, dict, dict]] = {}  # see _point
 
     # --------------------------------------------------------------------------- load / unload
     def load_adapter(self, path: str | Path, name: str) -> list[str]:
@@ -107,9 +115,10 @@ class AdapterSet:
         unused = set(self._layers) - needed
         swap_modules(self.model, lambda m, fqn: fqn in unused, lambda m: m.base)
         self._layers = {fqn: layer for fqn, layer in self._layers.items() if fqn in needed}
-        for layer in self._layers.values():  # drop pointers into the forgotten tensors
+        self._slots = {fqn: _slots(layer) for fqn, layer in self._layers.items()}
+        for fqn, layer in self._layers.items():  # drop pointers into the forgotten tensors
             if layer.disabled:
-                _point(layer, _placeholder(layer), LoraSpec(r=1, alpha=1.0))
+                _point(self._slots[fqn], _placeholder(layer), {"disabled": True})
 
     def _wrap(self, fqns: list[str], source: Path) -> None:
         """Wrap the named linear modules not yet wrapped in a disabled `LoRALinear`."""
@@ -124,6 +133,7 @@ class AdapterSet:
                 module.disabled = True
                 module.requires_grad_(False)
                 self._layers[fqn] = module
+                self._slots[fqn] = _slots(module)
 
     def _parameters(self, fqn: str, lora_A: torch.Tensor, lora_B: torch.Tensor, source: Path) -> Pair:
         """The adapter's A and B for module `fqn` on the layer's device, in the set's dtype."""
@@ -141,11 +151,9 @@ class AdapterSet:
         if name is not None:
             self._check_name(name)
         adapter = self.adapters[name] if name is not None else None
-        for fqn, layer in self._layers.items():
-            pair = adapter.pairs.get(fqn) if adapter else None
-            if pair is not None:
-                _point(layer, pair, adapter.spec)
-            layer.disabled = pair is None
+        pairs, attributes = (adapter.pairs, adapter.attributes) if adapter else ({}, None)
+        for fqn, slots in self._slots.items():
+            _point(slots, pairs.get(fqn), attributes)
         self.active = name
 
     @contextlib.contextmanager
@@ -186,10 +194,26 @@ class AdapterSet:
             self.set_adapter(active)
 
 
-def _point(layer: LoRALinear, pair: Pair, spec: LoraSpec) -> None:
-    """Point `layer` at another adapter's A and B (no copy) and take its rank and scaling."""
-    layer.lora_A._parameters["weight"], layer.lora_B._parameters["weight"] = pair
-    layer.r, layer.alpha, layer.use_rslora, layer.scaling = spec.r, spec.alpha, spec.use_rslora, spec.scaling
+def _slots(layer: LoRALinear) -> tuple[dict, dict, dict]:
+    """The dicts a switch writes: the layer's attributes, lora_A's and lora_B's parameters."""
+    return vars(layer), layer.lora_A._parameters, layer.lora_B._parameters
+
+
+def _point(slots: tuple[dict, dict, dict], pair: Pair | None, attributes: dict | None) -> None:
+    """Point a layer at an adapter's A and B (no copy) and take its rank and scaling; `pair` None
+    disables the layer (keeping its pointers).
+
+    Note: the attributes go straight into the module's `__dict__` and the parameters into
+    `_parameters`, where `nn.Module.__setattr__` would put them, without its type checks and
+    attribute look-ups: those cost ~2 us an attribute, milliseconds a switch of the 210 modules
+    of SmolLM2-135M (measured), against tens of microseconds this way.
+    """
+    attrs, params_A, params_B = slots
+    if pair is None:
+        attrs["disabled"] = True
+        return
+    params_A["weight"], params_B["weight"] = pair
+    attrs.update(attributes)
 
 
 def _placeholder(layer: LoRALinear) -> Pair:
