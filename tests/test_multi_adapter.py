@@ -106,7 +106,7 @@ def test_mixed_batch_equals_rows_run_separately(folders, served):
         adapters.set_adapter(name)
         whole = logits(model, ids)[i]  # the same batch, one adapter for all rows
         single = logits(model, ids[i: i + 1])[0]  # the row alone
-        # bmm and linear sum in different orders: about one bf16 rounding (2**-8) of the logits
+        # matmuls over fewer rows may block (and round) differently: allow one bf16 rounding or so
         scale = whole.abs().max()
         assert (mixed[i] - whole).abs().max() <= 2 ** -7 * scale, name
         assert (mixed[i] - single).abs().max() <= 2 ** -7 * scale, name
