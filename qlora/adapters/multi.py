@@ -145,7 +145,8 @@ class AdapterSet:
             raise UsageError(f"{source}: module {fqn!r} has A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)}; "
                              f"the model's layer is {layer.in_features} -> {layer.out_features}")
         device = layer.lora_A.weight.device
-        return tuple(nn.Parameter(t.to(device, self.dtype), requires_grad=False) for t in (lora_A, lora_B))
+        # copy=True: own memory, not pages of the (memory-mapped) safetensors file
+        return tuple(nn.Parameter(t.to(device, self.dtype, copy=True), requires_grad=False) for t in (lora_A, lora_B))
 
     # ---------------------------------------------------------------------------------- switch
     def set_adapter(self, name: str | None) -> None:
