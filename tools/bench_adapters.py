@@ -50,7 +50,7 @@ def random_adapter(model, spec, folder: Path, seed: int, base: str) -> Path:
             tensors[peft_key(fqn, "lora_A")] = torch.randn(spec.r, module.in_features, generator=g).to(torch.bfloat16)
             tensors[peft_key(fqn, "lora_B")] = torch.randn(module.out_features, spec.r, generator=g).to(torch.bfloat16) * 0.01
     leaves = sorted({key.split(".")[-3] for key in tensors})
-    return write_adapter(folder, tensors, spec.peft_config(leaves, base), "[]")
+    return write_adapter(folder, tensors, spec.peft_config(leaves, base))
 
 
 def timed(fn, repeats: int) -> list[float]:
