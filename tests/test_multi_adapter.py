@@ -106,10 +106,11 @@ def test_mixed_batch_equals_rows_run_separately(folders, served):
         adapters.set_adapter(name)
         whole = logits(model, ids)[i]  # the same batch, one adapter for all rows
         single = logits(model, ids[i: i + 1])[0]  # the row alone
-        # matmuls over fewer rows may block (and round) differently: allow one bf16 rounding or so
+        # Bit-equal on this machine (torch 2.13 CPU); a BLAS that blocks a matmul over fewer rows
+        # differently may round differently, so one bf16 rounding (2**-8) of the largest logit is allowed.
         scale = whole.abs().max()
-        assert (mixed[i] - whole).abs().max() <= 2 ** -7 * scale, name
-        assert (mixed[i] - single).abs().max() <= 2 ** -7 * scale, name
+        assert (mixed[i] - whole).abs().max() <= 2 ** -8 * scale, name
+        assert (mixed[i] - single).abs().max() <= 2 ** -8 * scale, name
     assert not torch.allclose(mixed[0], mixed[1]) and not torch.allclose(mixed[0], mixed[2])
 
 

@@ -25,7 +25,7 @@ block every layer runs as `disabled` (base only) and a forward hook adds the per
 grouping the rows by adapter:
 
     out = base(x);   for each adapter k the batch uses, with rows R_k:
-        out[R_k] += s_k * B_k(A_k(x[R_k]))          the two linears LoRALinear runs, on R_k only
+        out[R_k] += s_k * B_k(A_k(x[R_k]))          what LoRALinear computes, on R_k only
 
 Each row therefore equals that row run with its adapter (up to how the matmul blocks a
 different number of rows; tested). A gathered batched matmul (stack the adapters zero-padded to
@@ -236,8 +236,20 @@ def _add_rows(layer: LoRALinear, args: tuple, out: torch.Tensor, *, groups: list
     if x.dim() != 3 or x.shape[0] != batch:
         raise UsageError(f"a mixed-adapter forward needs inputs (batch={batch}, tokens, features); "
                          f"got {tuple(x.shape)}")
-    update = torch.zeros_like(out)
+    y = out.clone()
     for rows, lora_A, lora_B, scaling in groups:
-        h = x[rows].to(lora_A.dtype)
-        update[rows] = (F.linear(F.linear(h, lora_A), lora_B) * scaling).to(out.dtype)
-    return out + update
+        y[rows] = _plus_update(out[rows], F.linear(x[rows].to(lora_A.dtype), lora_A), lora_B, scaling)
+    return y
+
+
+def _plus_update(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """out + scaling * h @ B^T for h = A x (..., r), rounded as `LoRALinear.forward` rounds it.
+
+    Note: this mirrors the end of `LoRALinear.forward` (one addmm, the scaling and the sum folded
+    in, when the adapter and output dtypes agree) so that a mixed batch's rows round like rows run
+    alone; tests/test_multi_adapter.py checks the two agree.
+    """
+    if lora_B.dtype != out.dtype:
+        return out + (F.linear(h, lora_B) * scaling).to(out.dtype)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
+    return flat.view(out.shape)
