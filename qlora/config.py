@@ -108,6 +108,9 @@ class LoraConfig(Section):
     """Rank-stabilised scaling alpha / sqrt(r)."""
     dtype: Dtype = "bf16"
     """Dtype of the trainable A and B matrices."""
+    use_dora: bool = False
+    """DoRA: learn a per-output-row magnitude as well (PEFT's `use_dora`; ~1 dequantisation more
+    per layer and step)."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -125,7 +128,8 @@ class LoraConfig(Section):
         """The adapter these settings describe (what surgery, checkpoints and the PEFT writer use)."""
         from qlora.adapters.spec import LoraSpec
 
-        return LoraSpec(self.r, self.alpha, self.dropout, self.targets, self.use_rslora, self.dtype)
+        return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                        use_rslora=self.use_rslora, dtype=self.dtype, use_dora=self.use_dora)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 For a LoRA adapter on module m with A (r, in), B (out, r) and scaling s:
 
     W'_m = round_dtype(W_m + s * B_m @ A_m)       the sum in fp32, one rounding (`add_delta`)
+    W'_m = round_dtype(m_m / ||W_m + s B_m A_m||_row * (W_m + s B_m A_m))   DoRA (`dora_weight`)
 
 where W_m is the 16-bit base weight, or the exactly dequantised 4-bit one (never re-quantised).
 `merge_state_dict` does this over plain dicts (a base state dict, 16-bit or bitsandbytes 4-bit,
@@ -23,10 +24,12 @@ from torch import nn
 from qlora.adapters.peft_format import lora_pairs
 from qlora.adapters.spec import LoraSpec
 from qlora.errors import UsageError
+from qlora.nn.dora import dora_weight
 from qlora.nn.lora import add_delta, lora_delta
 from qlora.quant import QuantState, dequantize_4bit
 
 QUANT_STATE_INFIX = ".quant_state.bitsandbytes__"
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # PEFT's DoRA key
 
 
 def _quantised_weights(base: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -64,7 +67,8 @@ def adapter_deltas(adapter: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str
 
 def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], spec: LoraSpec,
                      dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A plain `dtype` state dict: 4-bit weights dequantised, adapted weights W + s * B @ A.
+    """A plain `dtype` state dict: 4-bit weights dequantised, adapted weights W + s * B @ A
+    (DoRA: m / ||W + s B A||_row * (W + s B A) where the adapter has a magnitude m).
 
     Non-float tensors keep their dtype. Every adapted weight must exist in `base` with the
     adapter's shape, otherwise a UsageError names it.
@@ -75,9 +79,19 @@ def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Ten
         if key not in weights or tuple(weights[key].shape) != tuple(delta.shape):
             got = tuple(weights[key].shape) if key in weights else "no such tensor"
             raise UsageError(f"adapter update for {key!r} has shape {tuple(delta.shape)}; the base has {got}")
-    return {key: add_delta(value, deltas[key], dtype) if key in deltas
-            else value.to(dtype) if value.is_floating_point() else value
-            for key, value in weights.items()}
+    magnitudes = {f"{k.removeprefix(PEFT_PREFIX).removesuffix(MAGNITUDE_SUFFIX)}.weight": v
+                  for k, v in adapter.items() if k.endswith(MAGNITUDE_SUFFIX)}
+    if magnitudes.keys() - deltas.keys():
+        raise UsageError(f"adapter magnitudes without a lora_A / lora_B pair: {sorted(magnitudes.keys() - deltas.keys())[:3]}")
+
+    def merged(key: str, value: torch.Tensor) -> torch.Tensor:
+        if key in magnitudes:
+            return dora_weight(value, deltas[key], magnitudes[key]).to(dtype)
+        if key in deltas:
+            return add_delta(value, deltas[key], dtype)
+        return value.to(dtype) if value.is_floating_point() else value
+
+    return {key: merged(key, value) for key, value in weights.items()}
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

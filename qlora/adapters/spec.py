@@ -4,6 +4,7 @@ writer and reader.
 The recipe's `lora` section builds it (`LoraConfig.spec()`), `apply_lora` attaches adapters by it,
 `save_adapter` writes it as PEFT's `adapter_config.json` and `read_spec` reads one back, refusing
 what qlora cannot run (other PEFT types, bias training, modules_to_save, rank/alpha patterns).
+`use_dora` selects `DoRALinear` instead of `LoRALinear` (PEFT's field and meaning).
 
     scaling = alpha / r            (LoRA)
     scaling = alpha / sqrt(r)      (rsLoRA: keeps the update's scale stable as r grows)
@@ -33,6 +34,8 @@ class LoraSpec:
     use_rslora: bool = False
     dtype: str = "bf16"
     """dtype of the adapter matrices: bf16, fp16 or fp32."""
+    use_dora: bool = False
+    """DoRA (qlora.nn.dora): a trainable per-row magnitude on top of the low-rank update."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.targets, str):
@@ -58,7 +61,7 @@ class LoraSpec:
             "inference_mode": True,
             "init_lora_weights": True,
             "modules_to_save": None,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "rank_pattern": {},
             "alpha_pattern": {},
         }
@@ -68,7 +71,6 @@ class LoraSpec:
         """The spec of a PEFT LoRA config, or a UsageError naming the first unsupported field."""
         checks = {
             "peft_type": (config.get("peft_type"), "LORA"),
-            "use_dora": (bool(config.get("use_dora")), False),
             "rank_pattern": (bool(config.get("rank_pattern")), False),
             "alpha_pattern": (bool(config.get("alpha_pattern")), False),
             "modules_to_save": (bool(config.get("modules_to_save")), False),
@@ -85,7 +87,8 @@ class LoraSpec:
             targets = f"re:{targets}"  # PEFT matches a string with re.fullmatch
         return cls(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                    targets=targets if isinstance(targets, str) else tuple(targets),
-                   use_rslora=config.get("use_rslora", False), dtype=dtype)
+                   use_rslora=config.get("use_rslora", False), dtype=dtype,
+                   use_dora=bool(config.get("use_dora", False)))
 
 
 def read_peft_config(adapter_dir: str | Path) -> dict:

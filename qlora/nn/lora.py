@@ -151,8 +151,8 @@ class LoRALinear(nn.Module):
         weight = self._mergeable_weight("merge")
         if self.merged or self.disabled:
             state = "already merged" if self.merged else "disabled (enable() first)"
-            raise UsageError(f"LoRALinear.merge: the adapter is {state}")
-        weight.copy_(add_delta(weight, self.delta_weight()))
+            raise UsageError(f"{type(self).__name__}.merge: the adapter is {state}")
+        weight.copy_(self._folded(weight))
         self.merged = True
 
     @torch.no_grad()
@@ -160,24 +160,38 @@ class LoRALinear(nn.Module):
         """Undo `merge()`: W <- round(W - scaling * B @ A) (equal to the original up to rounding)."""
         weight = self._mergeable_weight("unmerge")
         if not self.merged:
-            raise UsageError("LoRALinear.unmerge: the adapter is not merged")
-        weight.copy_(add_delta(weight, -self.delta_weight()))
+            raise UsageError(f"{type(self).__name__}.unmerge: the adapter is not merged")
+        weight.copy_(self._unfolded(weight))
         self.merged = False
+
+    def _folded(self, weight: torch.Tensor) -> torch.Tensor:
+        """The merged weight round(W + scaling * B @ A) in W's dtype (variants override)."""
+        return add_delta(weight, self.delta_weight())
+
+    def _unfolded(self, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of `_folded`, up to rounding."""
+        return add_delta(weight, -self.delta_weight())
 
     def _mergeable_weight(self, action: str) -> torch.Tensor:
         if isinstance(self.base, Linear4bit):
             raise UsageError(
-                f"LoRALinear.{action}: the base is a 4-bit Linear4bit; merging in place would "
+                f"{type(self).__name__}.{action}: the base is a 4-bit Linear4bit; merging in place would "
                 "re-quantise the weight and lose the adapter's update. Use merged_linear() to get "
                 "an exact nn.Linear with dequant(W) + scaling * B @ A"
             )
         weight = getattr(self.base, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise UsageError(
-                f"LoRALinear.{action}: the base {type(self.base).__name__} has no floating-point "
+                f"{type(self).__name__}.{action}: the base {type(self.base).__name__} has no floating-point "
                 "weight to merge into; use merged_linear()"
             )
         return weight
+
+    def base_weight(self) -> torch.Tensor:
+        """The base's (out, in) weight, detached: dequantised exactly for a 4-bit base."""
+        if isinstance(self.base, Linear4bit):
+            return self.base.dequantize()
+        return self._mergeable_weight("base_weight").detach()
 
     @torch.no_grad()
     def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -187,19 +201,19 @@ class LoRALinear(nn.Module):
         `nn.Linear` base is read as is (if already merged, its weight is returned unchanged).
         `dtype` defaults to the base weight's own dtype (`quant_state.dtype` for 4-bit).
         """
-        if isinstance(self.base, Linear4bit):
-            weight = self.base.dequantize()
-        else:
-            weight = self._mergeable_weight("merged_linear").detach()
+        weight = self.base_weight()
         dtype = dtype or weight.dtype
-        merged = weight.to(dtype) if self.merged else add_delta(weight, self.delta_weight(), dtype)
+        return self._linear_with(weight.to(dtype) if self.merged else add_delta(weight, self.delta_weight(), dtype))
+
+    def _linear_with(self, weight: torch.Tensor) -> nn.Linear:
+        """A new `nn.Linear` with `weight` (out, in) and a copy of the base's bias in its dtype."""
         bias = getattr(self.base, "bias", None)
         linear = nn.Linear(
-            self.in_features, self.out_features, bias is not None, device="meta", dtype=dtype
+            self.in_features, self.out_features, bias is not None, device="meta", dtype=weight.dtype
         )
-        linear.weight = nn.Parameter(merged)
+        linear.weight = nn.Parameter(weight)
         if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().to(dtype).clone())
+            linear.bias = nn.Parameter(bias.detach().to(weight.dtype).clone())
         return linear
 
     def extra_repr(self) -> str:
