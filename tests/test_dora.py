@@ -19,19 +19,10 @@ from qlora.nn import Linear4bit
 from qlora.nn.adapter import Role
 from qlora.nn.dora import DoRALinear
 from qlora.quant.format import QuantFormat
-from tiny_models import randomise_lora_b, save_tiny, tokens
+from test_adapter import _offline, base  # noqa: F401  (fixtures: offline hub, a tiny llama folder)
+from tiny_models import randomise_lora_b, tokens
 
 SPEC = LoraSpec(r=4, alpha=8, use_dora=True)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("base") / "m")
 
 
 def randomise(model: nn.Module, seed: int = 3) -> None:
