@@ -111,12 +111,20 @@ class LoraConfig(Section):
     use_dora: bool = False
     """DoRA: learn a per-output-row magnitude as well (PEFT's `use_dora`; ~1 dequantisation more
     per layer and step)."""
+    init: Literal[choices.LORA_INITS] = "default"
+    """Adapter start: `default` (B = 0), `loftq` (A, B fit the quantisation error of W, so
+    dequant(Q) + s B A is closer to W) or `pissa` (A, B hold W's top-r singular directions; the
+    4-bit base is the residual W - s B A). Computed per layer while loading (needs quant.enabled);
+    when the base changes (pissa, loftq with loftq_iters > 1) it is saved in the run's `base/`."""
+    loftq_iters: int = 1
+    """LoftQ alternations of quantise / low-rank fit; 1 keeps the standard 4-bit base."""
 
     def __post_init__(self) -> None:
         self._check_types()
         self._require_range("r", 1, MAX_RANK, "a rank above the hidden size adds nothing")
         self._require(self.alpha > 0, "alpha", "expected a number > 0")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "expected a number in [0, 1)")
+        self._require_range("loftq_iters", 1, 100)
         if isinstance(self.targets, list):
             self._require(bool(self.targets) and all(t.strip() for t in self.targets), "targets",
                           "expected a non-empty list of module names")
@@ -129,7 +137,8 @@ class LoraConfig(Section):
         from qlora.adapters.spec import LoraSpec
 
         return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                        use_rslora=self.use_rslora, dtype=self.dtype, use_dora=self.use_dora)
+                        use_rslora=self.use_rslora, dtype=self.dtype, use_dora=self.use_dora,
+                        init=self.init, loftq_iters=self.loftq_iters)
 
 
 @dataclass
@@ -310,6 +319,9 @@ class RecipeConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        if self.lora.init != "default" and not self.quant.enabled:
+            raise UsageError(f"lora.init: {self.lora.init!r} needs quant.enabled=true (it initialises the adapter "
+                             "from each weight as it is quantised); expected 'default' for 16-bit LoRA")
         if self.train.distributed == "fsdp" and self.quant.enabled and self.quant.quant_storage != "bf16":
             raise UsageError(f"quant.quant_storage: {self.quant.quant_storage!r} is not allowed with "
                              "train.distributed 'fsdp'; expected 'bf16' (FSDP shards parameters of one dtype)")

@@ -3,6 +3,7 @@
     <run>/recipe.yaml          the resolved recipe (what actually ran)
     <run>/metrics.jsonl        one JSON record per logged step / evaluation
     <run>/adapter/             the final adapter (PEFT format)
+    <run>/base/                the 4-bit base, when lora.init changed it (bitsandbytes format)
     <run>/checkpoints/step-N/  resumable checkpoints (adapter + per-rank trainer state)
     <run>/summary.json         losses before / after, throughput, output paths
     <run>/loss.png             loss curves (when matplotlib is installed)
@@ -21,6 +22,7 @@ from pathlib import Path
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
+BASE = "base"  # the 4-bit base when lora.init changed it (PiSSA, LoftQ with loftq_iters > 1)
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 LOSS_PLOT = "loss.png"
@@ -41,6 +43,7 @@ class RunDir:
     recipe = property(lambda self: self.root / RECIPE)
     metrics = property(lambda self: self.root / METRICS)
     adapter = property(lambda self: self.root / ADAPTER)
+    base = property(lambda self: self.root / BASE)
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
     summary = property(lambda self: self.root / SUMMARY)
     loss_plot = property(lambda self: self.root / LOSS_PLOT)
@@ -56,6 +59,16 @@ def find_recipe(adapter_dir: Path) -> Path | None:
     for folder in (Path(adapter_dir), Path(adapter_dir).parent):
         if (folder / RECIPE).is_file():
             return folder / RECIPE
+    return None
+
+
+def saved_base(adapter_dir: Path) -> Path | None:
+    """The `base/` of the run an adapter was trained in (run/adapter or a checkpoint's), if it has
+    one: the 4-bit base that lora.init changed and that the adapter belongs to."""
+    for folder in list(Path(adapter_dir).resolve().parents)[:3]:
+        run = RunDir(folder)
+        if run.is_run() and run.base.is_dir():
+            return run.base
     return None
 
 

@@ -36,6 +36,14 @@ class LoraSpec:
     """dtype of the adapter matrices: bf16, fp16 or fp32."""
     use_dora: bool = False
     """DoRA (qlora.nn.dora): a trainable per-row magnitude on top of the low-rank update."""
+    init: str = "default"
+    """How training starts the adapter: default, loftq or pissa (qlora.adapters.init)."""
+    loftq_iters: int = 1
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether the init replaces the 4-bit base (PiSSA, LoftQ with more than one iteration)."""
+        return self.init == "pissa" or (self.init == "loftq" and self.loftq_iters > 1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.targets, str):

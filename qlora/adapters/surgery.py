@@ -7,8 +7,9 @@ layers declare (`trainable_parameters()`, the `AdapterLayer` protocol), never a 
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from torch import nn
 
@@ -73,6 +74,20 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
         for param, _ in layer.trainable_parameters().values():
             param.requires_grad_(True)
     return wrapped
+
+
+@contextlib.contextmanager
+def bases_only(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with every adapter layer replaced by its base for the `with` block (to export the
+    base as it is being trained on), then the adapter layers put back."""
+    layers = adapter_layers(model)
+    swap_modules(model, lambda m, fqn: fqn in layers, lambda m: m.base)
+    try:
+        yield model
+    finally:
+        for fqn, layer in layers.items():
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), name, layer)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

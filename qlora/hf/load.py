@@ -45,6 +45,8 @@ from qlora.quant.format import QuantFormat
 if TYPE_CHECKING:
     from qlora.config import RecipeConfig
 
+InitLinear = Callable[[nn.Module, str, torch.Tensor, "torch.Tensor | None"], Linear4bit]
+
 def _empty_model(config, compute_dtype: torch.dtype, trust_remote_code: bool,
                  attn_implementation: str | None = None) -> nn.Module:
     """The architecture with parameters on meta and buffers computed for real (see module docstring)."""
@@ -150,7 +152,7 @@ def _stream(
     names: dict[str, str],
     quantise: set[str],
     prequantised: set[str],
-    make_4bit: Callable[[torch.Tensor, torch.Tensor | None], Linear4bit],
+    make_4bit: Callable[[str, torch.Tensor, torch.Tensor | None], Linear4bit],
     compute_dtype: torch.dtype,
     device: torch.device,
 ) -> None:
@@ -171,7 +173,7 @@ def _stream(
         if owner in prequantised:
             _swap(model, owner, _load_prequantised(model, ckpt, names, owner, tensors.get("bias"), compute_dtype, device))
         elif owner in quantise:
-            _swap(model, owner, make_4bit(tensors.pop("weight"), tensors.get("bias")))
+            _swap(model, owner, make_4bit(owner, tensors.pop("weight"), tensors.get("bias")))
         else:
             for leaf, tensor in tensors.items():
                 _set_tensor(model, f"{owner}.{leaf}" if owner else leaf, tensor)
@@ -225,6 +227,7 @@ def load_model(
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    init_linear: InitLinear | None = None,
 ) -> nn.Module:
     """Load a causal LM, quantising every ``nn.Linear`` not named in ``skip_modules`` as it streams in.
 
@@ -239,6 +242,9 @@ def load_model(
             lm_head is never quantised.
         device: where the model ends up; tensors are moved there (and quantised there) one by one.
         attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None: its default.
+        init_linear: builds each quantised layer instead of plain quantisation, from
+            (model, fqn, 16-bit weight, bias): where LoftQ / PiSSA see each weight
+            (`qlora.adapters.init.AdapterInit`).
 
     A folder whose config.json carries a bitsandbytes 4-bit ``quantization_config`` loads as it is
     stored (``quant`` is then ignored).
@@ -266,7 +272,9 @@ def load_model(
     prequantised = {f for f in linears if any(k.startswith(names[f"{f}.weight"] + ".quant_state.") for k in files)}
     quantise = set() if stored_4bit or quant is None else {f for f in linears if not name_matches(f, skip_modules)}
 
-    def make_4bit(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit:
+    def make_4bit(fqn: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit:
+        if init_linear is not None:
+            return init_linear(model, fqn, weight, bias)
         return Linear4bit.quantize(weight, quant, bias)
 
     with ExitStack() as stack:
@@ -290,11 +298,16 @@ def _finish(model: nn.Module, device: torch.device) -> None:
         raise UsageError(f"after loading, {len(left)} tensor(s) have no value (still on meta): {left[:8]}")
 
 
-def load_base_model(cfg: "RecipeConfig", device: torch.device) -> nn.Module:
-    """The recipe's base model: 4-bit per `cfg.quant` (16-bit with quant.enabled=false), in `cfg.model.dtype`."""
+def load_base_model(cfg: "RecipeConfig", device: torch.device, *, name_or_path: str | Path | None = None,
+                    init_linear: InitLinear | None = None) -> nn.Module:
+    """The recipe's base model: 4-bit per `cfg.quant` (16-bit with quant.enabled=false), in `cfg.model.dtype`.
+
+    `name_or_path` replaces `cfg.model.name_or_path` (a run's saved base); `init_linear` as in `load_model`.
+    """
     from qlora.dtypes import torch_dtype
 
     m = cfg.model
     fmt = cfg.quant.format(m.dtype) if cfg.quant.enabled else None
-    return load_model(m.name_or_path, quant=fmt, dtype=torch_dtype(m.dtype), skip_modules=tuple(cfg.quant.skip_modules),
-                      trust_remote_code=m.trust_remote_code, device=device, attn_implementation=m.attn_implementation)
+    return load_model(name_or_path or m.name_or_path, quant=fmt, dtype=torch_dtype(m.dtype),
+                      skip_modules=tuple(cfg.quant.skip_modules), trust_remote_code=m.trust_remote_code,
+                      device=device, attn_implementation=m.attn_implementation, init_linear=init_linear)

@@ -4,6 +4,8 @@ A TARGET is one of
 - a run folder (has `recipe.yaml`; its `adapter/` is used unless `--base`),
 - a recipe file (`*.yaml`),
 - a model: a built-in name (`smollm2-135m`), a local HF folder, or a 4-bit export.
+An adapter whose run folder holds a `base/` (saved when `lora.init` changed the 4-bit base, as
+PiSSA does) is applied to that base, which loads as stored.
 The recipe (or the defaults, for a bare model) supplies the quantisation and data settings;
 `section.key=value` overrides apply on top, as for `qlora train`.
 
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 from qlora.config import RecipeConfig
 from qlora.recipe import apply_override, load_recipe, recipe_from_dict
 from qlora.errors import UsageError
-from qlora.run_dir import RunDir
+from qlora.run_dir import RunDir, saved_base
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -74,10 +76,24 @@ def resolve_target(target: str, overrides: list[str], adapters: list[str] | None
             apply_override(data, item)
         cfg = recipe_from_dict(data)
     if base_only:
-        return Target(cfg, {})
-    if adapters:
-        return Target(cfg, parse_adapters(adapters))
-    return Target(cfg, {"adapter": run_adapter} if run_adapter else {})
+        chosen: dict[str, Path] = {}
+    elif adapters:
+        chosen = parse_adapters(adapters)
+    else:
+        chosen = {"adapter": run_adapter} if run_adapter else {}
+    _use_saved_base(cfg, chosen)
+    return Target(cfg, chosen)
+
+
+def _use_saved_base(cfg: RecipeConfig, adapters: dict[str, Path]) -> None:
+    """Point the recipe at the adapters' saved 4-bit base when `lora.init` changed it (all must agree)."""
+    bases = {saved_base(folder) for folder in adapters.values()}
+    if len(bases) > 1:
+        names = sorted(str(b) if b else cfg.model.name_or_path for b in bases)
+        raise UsageError(f"--adapter: these adapters were trained on different 4-bit bases ({names}); "
+                         "load them in separate commands")
+    if bases and None not in bases:
+        cfg.model.name_or_path = str(bases.pop())
 
 
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object, AdapterSet]:

@@ -65,10 +65,15 @@ class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(base, r, alpha, dropout, use_rslora, dtype)
-        with torch.no_grad():
-            norm = row_norm(self.base_weight(), super().delta_weight())
-        self.lora_magnitude_vector = nn.Parameter(norm)
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=self.lora_A.weight.device))
+        self.reset_magnitude()
         self._merged_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m = ||W + s B A||_row: the layer computes base + LoRA exactly (after B = 0: the base;
+        after LoftQ / PiSSA set A and B: their start)."""
+        self.lora_magnitude_vector.copy_(row_norm(self.base_weight(), self.lora_delta()))
 
     def trainable_parameters(self) -> dict[str, tuple[nn.Parameter, Role]]:
         """A, B and the magnitude (the `AdapterLayer` protocol)."""

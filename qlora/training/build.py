@@ -13,6 +13,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from qlora import runtime
+from qlora.adapters.init import AdapterInit
 from qlora.adapters.surgery import apply_lora, prepare_for_training
 from qlora.config import RecipeConfig
 from qlora.errors import UsageError
@@ -21,10 +22,18 @@ from qlora.run_dir import LOCK, MARKERS, RunDir
 from qlora.training.checkpoint import latest_checkpoint
 
 
-def build_model(cfg: RecipeConfig, rt: runtime.Runtime) -> nn.Module:
-    """The 4-bit (or 16-bit with quant.enabled=false) base with LoRA adapters, ready to train."""
-    model = load_base_model(cfg, rt.device)
-    apply_lora(model, cfg.lora.spec())
+def build_model(cfg: RecipeConfig, rt: runtime.Runtime, saved_base: Path | None = None) -> nn.Module:
+    """The 4-bit (or 16-bit with quant.enabled=false) base with LoRA adapters, ready to train.
+
+    `lora.init` loftq / pissa initialise each target layer while it loads (`AdapterInit`);
+    `saved_base` (a resumed run's `base/`) is loaded instead, as it is stored, with no init.
+    """
+    spec = cfg.lora.spec()
+    init = AdapterInit(spec, cfg.quant.format(cfg.model.dtype)) if spec.init != "default" and saved_base is None else None
+    model = load_base_model(cfg, rt.device, name_or_path=saved_base, init_linear=init)
+    apply_lora(model, spec)
+    if init is not None:
+        init.apply_factors(model)
     return prepare_for_training(model, cfg.train.gradient_checkpointing)
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from qlora import runtime
+from qlora.adapters.init import save_base
 from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.surgery import trainable_summary
 from qlora.config import RecipeConfig
@@ -107,8 +108,11 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                                                         rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
     t_load = time.perf_counter()
+    spec, base_dir = cfg.lora.spec(), RunDir(run_dir).base
+    # A base that lora.init changed is saved in the run; the adapters name it, a resume loads it.
+    base_name = str(base_dir.resolve()) if spec.changes_base else cfg.model.name_or_path
     with phase("load"):
-        model = build_model(cfg, rt)
+        model = build_model(cfg, rt, base_dir if resume and spec.changes_base else None)
     say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
         f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
     steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
@@ -134,6 +138,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, RunDir(run_dir).recipe)
+        if spec.changes_base and checkpoint is None:
+            save_base(model, base_dir, cfg.model.name_or_path)
     metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main, resume_step=progress.step)
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"
@@ -200,7 +206,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                 state = {"optimizer": to_local(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                          "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
                          "progress": {"step": progress.step, "tokens": progress.tokens}}
-                save_checkpoint(run_dir, progress.step, model, cfg.lora.spec(), cfg.model.name_or_path, state, rt)
+                save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt)
     bar.close()
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
@@ -216,7 +222,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     with phase("save"), full_parameters(loss_fn):
         guard.check_final(model, progress.step)
         if rt.is_main:
-            save_adapter(model, RunDir(run_dir).adapter, cfg.lora.spec(), cfg.model.name_or_path)
+            save_adapter(model, RunDir(run_dir).adapter, spec, base_name)
             summary["adapter"] = str(RunDir(run_dir).adapter)
     if prompts:
         summary["samples"] = before_after(model, tokenizer, prompts)
