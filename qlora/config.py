@@ -319,9 +319,6 @@ class RecipeConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
-        if self.lora.init != "default" and not self.quant.enabled:
-            raise UsageError(f"lora.init: {self.lora.init!r} needs quant.enabled=true (it initialises the adapter "
-                             "from each weight as it is quantised); expected 'default' for 16-bit LoRA")
         if self.train.distributed == "fsdp" and self.quant.enabled and self.quant.quant_storage != "bf16":
             raise UsageError(f"quant.quant_storage: {self.quant.quant_storage!r} is not allowed with "
                              "train.distributed 'fsdp'; expected 'bf16' (FSDP shards parameters of one dtype)")

@@ -29,6 +29,9 @@ def build_model(cfg: RecipeConfig, rt: runtime.Runtime, saved_base: Path | None 
     `saved_base` (a resumed run's `base/`) is loaded instead, as it is stored, with no init.
     """
     spec = cfg.lora.spec()
+    if spec.init != "default" and not cfg.quant.enabled:  # checked here: eval of a merged run is 16-bit
+        raise UsageError(f"lora.init: {spec.init!r} needs quant.enabled=true (it initialises the adapter from "
+                         "each weight as it is quantised); expected 'default' for 16-bit LoRA")
     init = AdapterInit(spec, cfg.quant.format(cfg.model.dtype)) if spec.init != "default" and saved_base is None else None
     model = load_base_model(cfg, rt.device, name_or_path=saved_base, init_linear=init)
     apply_lora(model, spec)
