@@ -206,3 +206,14 @@ def test_bad_use_dora_exits_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qlora.cli", "train", str(recipe), f"output.dir={tmp_path / 'x'}",
                           "lora.use_dora=maybe"], capture_output=True, text=True)
     assert out.returncode == 2 and "lora.use_dora" in out.stderr, out.stderr
+
+
+def test_reset_magnitude_keeps_the_lora_start():
+    """After LoftQ / PiSSA set A and B, m = ||W + s B A||_row: the layer computes base + s B A x."""
+    dora = layer()
+    with torch.no_grad():
+        dora.lora_magnitude_vector.fill_(1.0)
+    dora.reset_magnitude()
+    x = torch.randn(7, 64)
+    lora = dora.base(x) + dora.scaling * x @ dora.lora_A.weight.T @ dora.lora_B.weight.T
+    torch.testing.assert_close(dora(x), lora, rtol=1e-5, atol=1e-5)

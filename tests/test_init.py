@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from qlora.adapters.spec import LoraSpec
 from qlora.errors import UsageError
 from qlora.nn import Linear4bit
 from qlora.quant.format import QuantFormat
+from qlora.run_dir import read_metrics
 from test_train import TINY, home, run_cli  # noqa: F401  (home: a fixture)
 
 FMT = QuantFormat()
@@ -88,7 +90,7 @@ def test_init_needs_a_4bit_base(tmp_path):
 
 def test_pissa_run_saves_its_base_and_eval_and_merge_use_it(home, tmp_path):  # noqa: F811
     out = tmp_path / "pissa"
-    result = run_cli("train", str(TINY), f"output.dir={out}", "lora.init=pissa", "train.save_every=0")
+    result = run_cli("train", str(TINY), f"output.dir={out}", "lora.init=pissa")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "base" / "config.json").read_text())
     assert config["quantization_config"]["load_in_4bit"] is True
@@ -105,3 +107,13 @@ def test_pissa_run_saves_its_base_and_eval_and_merge_use_it(home, tmp_path):  # 
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "m.json").read_text())["eval_loss"] == pytest.approx(
         summary["eval_after"]["eval_loss"], rel=2e-2)  # the merged bf16 model: one rounding of each weight
+
+    # resume from step 2 (moved folder): the saved base is loaded, not re-initialised; steps 3-4 match
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    shutil.rmtree(moved / "checkpoints" / "step-000004")
+    shutil.rmtree(moved / "adapter")
+    resumed = run_cli("train", str(TINY), f"output.dir={moved}", "lora.init=pissa", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = lambda run: [r["loss"] for r in read_metrics(run) if "loss" in r]  # noqa: E731
+    assert losses(moved)[-2:] == losses(out)[2:]

@@ -108,7 +108,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
                   dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
     """Merge a PEFT LoRA adapter into its base and write a ``dtype`` HF folder (``qlora merge``).
 
-    ``base`` defaults to the adapter's ``base_model_name_or_path``. An unquantised base is loaded in
+    ``base`` defaults to the base saved in the adapter's run (`lora.init` changed it), else the
+    adapter's ``base_model_name_or_path``. An unquantised base is loaded in
     ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised.
     """
     from qlora.adapters.peft_format import load_adapter
@@ -118,11 +119,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     from qlora.hf.folder import model_folder
     from qlora.hf.load import load_model
     from qlora.io import atomic_folder, check_output
-    from qlora.run_dir import RECIPE, find_recipe
+    from qlora.run_dir import RECIPE, find_recipe, saved_base
 
     adapter_dir = Path(adapter_dir)
     out_dir = check_output(out_dir, overwrite)
-    base = base or read_peft_config(adapter_dir).get("base_model_name_or_path")
+    base = base or saved_base(adapter_dir) or read_peft_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
     model = load_model(base, quant=None, dtype=dtype)
