@@ -32,6 +32,9 @@ def build_model(cfg: RecipeConfig, rt: runtime.Runtime, saved_base: Path | None 
     if spec.init != "default" and not cfg.quant.enabled:  # checked here: eval of a merged run is 16-bit
         raise UsageError(f"lora.init: {spec.init!r} needs quant.enabled=true (it initialises the adapter from "
                          "each weight as it is quantised); expected 'default' for 16-bit LoRA")
+    if spec.changes_base and rt.distributed and cfg.train.distributed == "fsdp":  # the base is exported from unsharded layers
+        raise UsageError(f"lora.init: {spec.init!r} changes the 4-bit base, which is not saved from FSDP "
+                         "shards yet; expected 'default' or 'loftq' (loftq_iters=1) with train.distributed 'fsdp'")
     init = AdapterInit(spec, cfg.quant.format(cfg.model.dtype)) if spec.init != "default" and saved_base is None else None
     model = load_base_model(cfg, rt.device, name_or_path=saved_base, init_linear=init)
     apply_lora(model, spec)
