@@ -88,10 +88,32 @@ def test_init_needs_a_4bit_base(tmp_path):
     assert result.returncode == 2 and "quant.enabled=true" in result.stderr
 
 
-def test_pissa_run_saves_its_base_and_eval_and_merge_use_it(home, tmp_path):  # noqa: F811
-    out = tmp_path / "pissa"
+@pytest.fixture(scope="module")
+def pissa_run(home, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("runs") / "pissa"
     result = run_cli("train", str(TINY), f"output.dir={out}", "lora.init=pissa")
     assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_peft_on_the_saved_base_computes_our_logits(pissa_run, monkeypatch):
+    """transformers loads the saved 4-bit base (bitsandbytes) and PEFT the adapter: our logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from qlora.inference.target import load_for_inference, resolve_target
+    from test_adapter import assert_same_model, logits
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours, _ = load_for_inference(resolve_target(str(pissa_run), []), "cpu")
+    plain, _ = load_for_inference(resolve_target(str(pissa_run), [], base_only=True), "cpu")
+    base = AutoModelForCausalLM.from_pretrained(pissa_run / "base", device_map="cpu")
+    theirs = peft.PeftModel.from_pretrained(base, pissa_run / "adapter")
+    assert_same_model(logits(theirs), logits(ours), logits(plain))
+
+
+def test_pissa_run_saves_its_base_and_eval_and_merge_use_it(pissa_run, tmp_path):
+    out = pissa_run
     config = json.loads((out / "base" / "config.json").read_text())
     assert config["quantization_config"]["load_in_4bit"] is True
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
