@@ -20,6 +20,7 @@ from qlora.nn.adapter import Role
 from qlora.nn.dora import DoRALinear
 from qlora.quant.format import QuantFormat
 from test_adapter import _offline, base  # noqa: F401  (fixtures: offline hub, a tiny llama folder)
+from test_train import home  # noqa: F401  (fixture: a private QLORA_HOME)
 from tiny_models import randomise_lora_b, tokens
 
 SPEC = LoraSpec(r=4, alpha=8, use_dora=True)
@@ -217,3 +218,28 @@ def test_reset_magnitude_keeps_the_lora_start():
     x = torch.randn(7, 64)
     lora = dora.base(x) + dora.scaling * x @ dora.lora_A.weight.T @ dora.lora_B.weight.T
     torch.testing.assert_close(dora(x), lora, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_run_through_eval_and_merge(home, tmp_path):  # noqa: F811
+    """A tiny QDoRA run: `qlora eval` (one DoRA adapter, not AdapterSet) reproduces its final eval;
+    the merged bf16 model is within the rounding of its weights; AdapterSet refuses DoRA."""
+    from qlora.adapters.multi import AdapterSet
+    from qlora.errors import UsageError
+    from test_train import TINY, run_cli
+
+    out = tmp_path / "dora"
+    result = run_cli("train", str(TINY), f"output.dir={out}", "lora.use_dora=true", "train.save_every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((out / "summary.json").read_text())["eval_after"]["eval_loss"]
+    measured = run_cli("eval", str(out), "--json", str(tmp_path / "e.json"))
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    assert json.loads((tmp_path / "e.json").read_text())["eval_loss"] == pytest.approx(after, rel=1e-6)
+    assert run_cli("merge", str(out / "adapter"), str(tmp_path / "m")).returncode == 0
+    merged = run_cli("eval", str(tmp_path / "m"), "quant.enabled=false", "--json", str(tmp_path / "m.json"))
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads((tmp_path / "m.json").read_text())["eval_loss"] == pytest.approx(after, rel=2e-2)
+    with pytest.raises(UsageError, match="DoRA adapter"):
+        AdapterSet(load_model(TINY_MODEL, quant=QuantFormat())).load_adapter(out / "adapter", "d")
+
+
+TINY_MODEL = "tiny-llama"

@@ -105,8 +105,8 @@ def test_peft_on_the_saved_base_computes_our_logits(pissa_run, monkeypatch):
     from test_adapter import assert_same_model, logits
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ours, _ = load_for_inference(resolve_target(str(pissa_run), []), "cpu")
-    plain, _ = load_for_inference(resolve_target(str(pissa_run), [], base_only=True), "cpu")
+    ours, *_ = load_for_inference(resolve_target(str(pissa_run), []), "cpu")
+    plain, *_ = load_for_inference(resolve_target(str(pissa_run), [], base_only=True), "cpu")
     base = AutoModelForCausalLM.from_pretrained(pissa_run / "base", device_map="cpu")
     theirs = peft.PeftModel.from_pretrained(base, pissa_run / "adapter")
     assert_same_model(logits(theirs), logits(ours), logits(plain))

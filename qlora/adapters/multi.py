@@ -101,6 +101,9 @@ class AdapterSet:
         if name in self.adapters:
             raise UsageError(f"an adapter named {name!r} is already loaded (from {self.adapters[name].path})")
         spec, _ = read_spec(path)
+        if spec.use_dora:
+            raise UsageError(f"{path}: a DoRA adapter (use_dora); AdapterSet swaps LoRA adapters only "
+                             "(load a DoRA adapter alone with qlora.adapters.peft_format.load_adapter)")
         pairs = lora_pairs(read_adapter_weights(path))
         self._wrap(list(pairs), Path(path))
         self.adapters[name] = LoadedAdapter(spec, Path(path), {

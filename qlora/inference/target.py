@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from qlora.config import RecipeConfig
 from qlora.recipe import apply_override, load_recipe, recipe_from_dict
 from qlora.errors import UsageError
+from qlora.adapters.spec import read_spec
 from qlora.run_dir import RunDir, saved_base
 
 if TYPE_CHECKING:
@@ -96,6 +97,31 @@ def _use_saved_base(cfg: RecipeConfig, adapters: dict[str, Path]) -> None:
         cfg.model.name_or_path = str(bases.pop())
 
 
+class OneAdapter:
+    """One adapter loaded into the model's own adapter layers (DoRA, which `AdapterSet` cannot
+    hot-swap), with `AdapterSet`'s `adapters` / `active` / `set_adapter` (on or off)."""
+
+    def __init__(self, model: nn.Module, dtype: str) -> None:
+        self.model, self.dtype = model, dtype
+        self.adapters: dict[str, Path] = {}
+        self.active: str | None = None
+
+    def load_adapter(self, path: str | Path, name: str) -> None:
+        from qlora.adapters.peft_format import load_adapter
+
+        load_adapter(self.model, path, dtype=self.dtype)
+        self.adapters[name] = Path(path)
+
+    def set_adapter(self, name: str | None) -> None:
+        from qlora.nn.adapter import adapter_layers
+
+        if name is not None and name not in self.adapters:
+            raise UsageError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+        for layer in adapter_layers(self.model).values():
+            layer.disabled = name is None
+        self.active = name
+
+
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object, AdapterSet]:
     """(model in eval mode, tokenizer, its adapters): every adapter loaded, the first active."""
     from qlora.adapters.multi import AdapterSet
@@ -104,7 +130,11 @@ def load_for_inference(target: Target, device) -> tuple[nn.Module, object, Adapt
 
     cfg = target.cfg
     model = load_base_model(cfg, device)
-    adapters = AdapterSet(model, cfg.lora.dtype)
+    dora = [name for name, folder in target.adapters.items() if read_spec(folder)[0].use_dora]
+    if dora and len(target.adapters) > 1:
+        raise UsageError(f"--adapter: {dora} are DoRA adapters, which load one at a time (several adapters "
+                         "on one base are LoRA only); give one --adapter")
+    adapters = OneAdapter(model, cfg.lora.dtype) if dora else AdapterSet(model, cfg.lora.dtype)
     for name, folder in target.adapters.items():
         adapters.load_adapter(folder, name)
     adapters.set_adapter(next(iter(target.adapters), None))
