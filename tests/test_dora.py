@@ -14,6 +14,7 @@ from qlora.adapters.merge import dequantized_state_dict, merge_lora, merge_state
 from qlora.adapters.peft_format import adapter_state_dict, load_adapter, save_adapter
 from qlora.adapters.spec import LoraSpec
 from qlora.adapters.surgery import apply_lora
+from qlora.errors import UsageError
 from qlora.hf.load import load_model
 from qlora.nn import Linear4bit
 from qlora.nn.adapter import Role
@@ -224,7 +225,6 @@ def test_dora_run_through_eval_and_merge(home, tmp_path):  # noqa: F811
     """A tiny QDoRA run: `qlora eval` (one DoRA adapter, not AdapterSet) reproduces its final eval;
     the merged bf16 model is within the rounding of its weights; AdapterSet refuses DoRA."""
     from qlora.adapters.multi import AdapterSet
-    from qlora.errors import UsageError
     from test_train import TINY, run_cli
 
     out = tmp_path / "dora"
@@ -243,3 +243,13 @@ def test_dora_run_through_eval_and_merge(home, tmp_path):  # noqa: F811
 
 
 TINY_MODEL = "tiny-llama"
+
+
+def test_combine_refuses_dora(base, tmp_path):
+    from qlora.adapters.combine import read_adapter
+
+    model = load_model(base, quant=None)
+    apply_lora(model, SPEC)
+    save_adapter(model, tmp_path / "a", SPEC, str(base))
+    with pytest.raises(UsageError, match="DoRA adapter"):
+        read_adapter(tmp_path / "a")

@@ -72,6 +72,8 @@ class Adapter:
 def read_adapter(adapter_dir: str | Path) -> Adapter:
     """An adapter folder as an `Adapter` (its tensors in their stored dtype)."""
     spec, config = read_spec(adapter_dir)
+    if spec.use_dora:  # combining only the low-rank parts would silently drop the magnitudes
+        raise UsageError(f"{adapter_dir}: a DoRA adapter (use_dora); combine takes LoRA adapters only")
     pairs = lora_pairs(read_adapter_weights(adapter_dir))
     return Adapter(str(adapter_dir), spec, str(config.get("base_model_name_or_path") or ""),
                    config["target_modules"], pairs)

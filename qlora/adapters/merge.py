@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora.adapters.peft_format import lora_pairs
+from qlora.adapters.peft_format import PEFT_PREFIX, lora_pairs
 from qlora.adapters.spec import LoraSpec
 from qlora.errors import UsageError
 from qlora.nn.dora import dora_weight
