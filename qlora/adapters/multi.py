@@ -53,7 +53,7 @@ from qlora.adapters.spec import LoraSpec, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE
 from qlora.dtypes import torch_dtype
 from qlora.errors import UsageError
-from qlora.nn.lora import LoRALinear
+from qlora.nn.lora import LoRALinear, plus_update
 from qlora.nn.swap import swap_modules
 
 Pair = tuple[nn.Parameter, nn.Parameter]
@@ -241,18 +241,5 @@ def _add_rows(layer: LoRALinear, args: tuple, out: torch.Tensor, *, groups: list
                          f"got {tuple(x.shape)}")
     y = out.clone()
     for rows, lora_A, lora_B, scaling in groups:
-        y[rows] = _plus_update(out[rows], F.linear(x[rows].to(lora_A.dtype), lora_A), lora_B, scaling)
+        y[rows] = plus_update(out[rows], F.linear(x[rows].to(lora_A.dtype), lora_A), lora_B, scaling)
     return y
-
-
-def _plus_update(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """out + scaling * h @ B^T for h = A x (..., r), rounded as `LoRALinear.forward` rounds it.
-
-    Note: this mirrors the end of `LoRALinear.forward` (one addmm, the scaling and the sum folded
-    in, when the adapter and output dtypes agree) so that a mixed batch's rows round like rows run
-    alone; tests/test_multi_adapter.py checks the two agree.
-    """
-    if lora_B.dtype != out.dtype:
-        return out + (F.linear(h, lora_B) * scaling).to(out.dtype)
-    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
-    return flat.view(out.shape)

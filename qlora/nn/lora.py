@@ -54,6 +54,15 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
     return (lora_B.detach().float() @ lora_A.detach().float()) * scaling
 
 
+def plus_update(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """out + scaling * h @ B.T for h = A x (..., r): one addmm (the scaling and the sum folded into
+    the GEMM) when B and out share a dtype, else the update is computed in B's dtype and cast."""
+    if lora_B.dtype != out.dtype:
+        return out + (F.linear(h, lora_B) * scaling).to(out.dtype)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
+    return flat.view(out.shape)
+
+
 def add_delta(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """round(W + delta) to `dtype` (default W's): the sum in fp32, one rounding."""
     return (weight.float() + delta).to(dtype or weight.dtype)
@@ -122,12 +131,7 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return out
         h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
-        b = self.lora_B.weight
-        if b.dtype != out.dtype:  # adapters kept in another dtype: the update is cast before the sum
-            return out + (F.linear(h, b) * self.scaling).to(out.dtype)
-        # out + scaling * h @ B.T as one GEMM: the scaling and the sum are folded into addmm.
-        y = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t(), alpha=self.scaling)
-        return y.view(out.shape)
+        return plus_update(out, h, self.lora_B.weight, self.scaling)
 
     # ---------------------------------------------------------------------------- enable/disable
     def disable(self) -> None:
