@@ -118,6 +118,23 @@ class LoraConfig(Section):
     when the base changes (pissa, loftq with loftq_iters > 1) it is saved in the run's `base/`."""
     loftq_iters: int = 1
     """LoftQ alternations of quantise / low-rank fit; 1 keeps the standard 4-bit base."""
+    use_adalora: bool = False
+    """AdaLoRA: SVD-form adapters (A, E, B) whose ranks move between layers during training, from
+    `r` (PEFT's init_r) per layer to `target_r` on average; saved as PEFT's ADALORA adapter."""
+    target_r: int = 8
+    """AdaLoRA: the average rank per layer at the end of the budget schedule (<= r)."""
+    tinit: int = 0
+    """AdaLoRA: optimiser steps at the full budget before ranks start to fall."""
+    tfinal: int = 0
+    """AdaLoRA: final optimiser steps at the target budget with the rank pattern fixed."""
+    delta_t: int = 1
+    """AdaLoRA: mask to the current budget every delta_t steps (PEFT's deltaT)."""
+    beta1: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity |w * grad| of each adapter weight."""
+    beta2: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity's uncertainty."""
+    orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality penalty ||A A^T - I|| + ||B^T B - I|| in the loss."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -125,6 +142,15 @@ class LoraConfig(Section):
         self._require(self.alpha > 0, "alpha", "expected a number > 0")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "expected a number in [0, 1)")
         self._require_range("loftq_iters", 1, 100)
+        self._require_range("target_r", 1, MAX_RANK)
+        for name in ("tinit", "tfinal"):
+            self._require_range(name, 0, MAX_COUNT)
+        self._require_range("delta_t", 1, MAX_COUNT)
+        for name in ("beta1", "beta2"):
+            self._require(0.0 < getattr(self, name) < 1.0, name, "expected a number in (0, 1)")
+        self._require(self.orth_reg_weight >= 0, "orth_reg_weight", "expected a number >= 0")
+        if self.use_adalora:
+            self._check_adalora()
         if isinstance(self.targets, list):
             self._require(bool(self.targets) and all(t.strip() for t in self.targets), "targets",
                           "expected a non-empty list of module names")
@@ -132,13 +158,22 @@ class LoraConfig(Section):
             self._require(self.targets == "all-linear" or self.targets.startswith("re:"), "targets",
                           "expected 'all-linear', a list of module names, or 're:<regex>'")
 
+    def _check_adalora(self) -> None:
+        self._require(self.target_r <= self.r, "target_r", f"AdaLoRA's target rank must be <= lora.r "
+                      f"(its initial rank), {self.r}")
+        for name, allowed in (("use_dora", False), ("use_rslora", False), ("init", "default")):
+            self._require(getattr(self, name) == allowed, name, f"expected {allowed!r} with lora.use_adalora "
+                          "(AdaLoRA has its own init and scaling, as in PEFT)")
+
     def spec(self) -> "LoraSpec":
         """The adapter these settings describe (what surgery, checkpoints and the PEFT writer use)."""
-        from qlora.adapters.spec import LoraSpec
+        from qlora.adapters.spec import AdaLoraSchedule, LoraSpec
 
+        adalora = AdaLoraSchedule(self.target_r, self.tinit, self.tfinal, self.delta_t, self.beta1, self.beta2,
+                                  self.orth_reg_weight) if self.use_adalora else None
         return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                         use_rslora=self.use_rslora, dtype=self.dtype, use_dora=self.use_dora,
-                        init=self.init, loftq_iters=self.loftq_iters)
+                        init=self.init, loftq_iters=self.loftq_iters, adalora=adalora)
 
 
 @dataclass
@@ -322,6 +357,15 @@ class RecipeConfig:
         if self.train.distributed == "fsdp" and self.quant.enabled and self.quant.quant_storage != "bf16":
             raise UsageError(f"quant.quant_storage: {self.quant.quant_storage!r} is not allowed with "
                              "train.distributed 'fsdp'; expected 'bf16' (FSDP shards parameters of one dtype)")
+        if self.lora.use_adalora:
+            self._check_adalora_schedule()
         if self.train.distributed == "fsdp" and self.optim.name != "adamw":
             raise UsageError(f"optim.name: {self.optim.name!r} is not allowed with train.distributed 'fsdp'; "
                              "expected 'adamw' (bitsandbytes optimisers cannot update FSDP's sharded DTensors)")
+
+    def _check_adalora_schedule(self) -> None:
+        if self.train.max_steps is not None:  # else checked once the data gives the number of steps
+            self.lora.spec().scheduled(self.train.max_steps)
+        if self.train.distributed == "fsdp":
+            raise UsageError("lora.use_adalora: true is not allowed with train.distributed 'fsdp' (the rank "
+                             "allocator reads whole gradients); expected 'ddp'")

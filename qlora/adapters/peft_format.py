@@ -25,14 +25,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from qlora.adapters.spec import CONFIG_FILE, LoraSpec, read_spec
+from qlora.adapters.adalora import lora_equivalent, prune, rank_pattern
+from qlora.adapters.spec import CONFIG_FILE, PEFT_PREFIX, LoraSpec, read_peft_config, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
 from qlora.errors import UsageError
 from qlora.io import atomic_folder, write_bytes_atomic, write_json_atomic
 from qlora.nn.adapter import adapter_layers
 
 WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 
 def _target_modules(model: nn.Module, adapted: Sequence[str]) -> list[str] | str:
@@ -59,10 +59,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_model_name_or_path: str) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_model_name_or_path: str,
+                 prune_ranks: bool = True) -> Path:
     """Write the model's adapter weights and ``spec`` as a PEFT adapter folder (replaced atomically).
 
-    ``target_modules`` is derived from the modules actually adapted.
+    ``target_modules`` is derived from the modules actually adapted. AdaLoRA: with ``prune_ranks``
+    only the kept triplets are written, named by ``rank_pattern``; without (checkpoints) the
+    whole tensors, masked triplets zero in E.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -71,7 +74,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     if wrong:
         raise UsageError(f"save_adapter: r={spec.r}, but modules {wrong[:3]} have r={layers[wrong[0]].r}")
     config = spec.peft_config(_target_modules(model, list(layers)), base_model_name_or_path)
-    return write_adapter(out_dir, adapter_state_dict(model), config)
+    tensors = adapter_state_dict(model)
+    if spec.adalora is not None and prune_ranks:
+        config["rank_pattern"] = rank_pattern(model)
+        tensors = prune(tensors, config["rank_pattern"])
+    return write_adapter(out_dir, tensors, config)
 
 
 def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
@@ -89,7 +96,8 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
 
 
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (safetensors only), with PEFT's old ``.default`` key infix removed."""
+    """The adapter's tensors (safetensors only), with PEFT's old ``.default`` key infix removed;
+    an AdaLoRA adapter as its LoRA equivalent (qlora.adapters.adalora.lora_equivalent)."""
     from safetensors.torch import load_file
 
     path = Path(adapter_dir) / WEIGHTS_FILE
@@ -99,7 +107,9 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(path))
     except Exception as err:
         raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
-    return {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+    config = read_peft_config(adapter_dir)
+    return lora_equivalent(tensors, config) if config.get("peft_type") == "ADALORA" else tensors
 
 
 def lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -4,7 +4,8 @@ writer and reader.
 The recipe's `lora` section builds it (`LoraConfig.spec()`), `apply_lora` attaches adapters by it,
 `save_adapter` writes it as PEFT's `adapter_config.json` and `read_spec` reads one back, refusing
 what qlora cannot run (other PEFT types, bias training, modules_to_save, rank/alpha patterns).
-`use_dora` selects `DoRALinear` instead of `LoRALinear` (PEFT's field and meaning).
+`use_dora` selects `DoRALinear` instead of `LoRALinear` (PEFT's field and meaning); `adalora`
+(an `AdaLoraSchedule`) selects `AdaLoRALinear` and is written as PEFT's ADALORA config.
 
     scaling = alpha / r            (LoRA)
     scaling = alpha / sqrt(r)      (rsLoRA: keeps the update's scale stable as r grows)
@@ -14,12 +15,40 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qlora.errors import UsageError
 
 CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix of adapter tensors
+
+
+@dataclass(frozen=True)
+class AdaLoraSchedule:
+    """AdaLoRA's rank budget (PEFT's AdaLoraConfig fields; `r` of the spec is the initial rank).
+
+    The budget (total kept rank over all layers) stays at r * layers for `tinit` steps, falls with
+    a cubic schedule to target_r * layers at step total_step - tfinal, masking every `delta_t`
+    steps, then stays there (qlora.adapters.adalora.budget).
+    """
+
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    """EMA factor of the sensitivity |w * grad|."""
+    beta2: float = 0.85
+    """EMA factor of its uncertainty."""
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    """Optimiser steps of the run; known when training starts (`LoraSpec.scheduled`)."""
+
+    def peft_fields(self) -> dict:
+        return {"target_r": self.target_r, "tinit": self.tinit, "tfinal": self.tfinal,
+                "deltaT": self.delta_t, "beta1": self.beta1, "beta2": self.beta2,
+                "orth_reg_weight": self.orth_reg_weight, "total_step": self.total_step}
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,18 @@ class LoraSpec:
     init: str = "default"
     """How training starts the adapter: default, loftq or pissa (qlora.adapters.init)."""
     loftq_iters: int = 1
+    adalora: AdaLoraSchedule | None = None
+    """AdaLoRA (qlora.nn.adalora): SVD-form adapters whose ranks the budget schedule reallocates."""
+
+    def scheduled(self, total_steps: int) -> "LoraSpec":
+        """This spec with AdaLoRA's `total_step` set to the run's optimiser steps (else itself)."""
+        if self.adalora is None:
+            return self
+        tinit, tfinal = self.adalora.tinit, self.adalora.tfinal
+        if tinit + tfinal >= total_steps:
+            raise UsageError(f"lora.tfinal: AdaLoRA's tinit + tfinal = {tinit + tfinal} leaves no budget phase in a "
+                             f"run of {total_steps} optimiser steps; expected tinit + tfinal < {total_steps}")
+        return replace(self, adalora=replace(self.adalora, total_step=total_steps))
 
     @property
     def changes_base(self) -> bool:
@@ -54,7 +95,17 @@ class LoraSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def peft_config(self, target_modules: list[str] | str, base_model_name_or_path: str) -> dict:
-        """PEFT's `adapter_config.json` for this spec; `target_modules` as the adapted modules show."""
+        """PEFT's `adapter_config.json` for this spec; `target_modules` as the adapted modules show.
+
+        AdaLoRA: peft_type ADALORA with its schedule; PEFT reads the initial rank from `init_r`
+        and ignores `r`, which keeps PEFT's default 8 (any other value makes PEFT warn).
+        """
+        config = self._lora_config(target_modules, base_model_name_or_path)
+        if self.adalora is not None:
+            config.update(self.adalora.peft_fields(), peft_type="ADALORA", r=8, init_r=self.r, rank_pattern=None)
+        return config
+
+    def _lora_config(self, target_modules: list[str] | str, base_model_name_or_path: str) -> dict:
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -76,7 +127,18 @@ class LoraSpec:
 
     @classmethod
     def from_peft_config(cls, config: dict, source: str = CONFIG_FILE, dtype: str = "bf16") -> "LoraSpec":
-        """The spec of a PEFT LoRA config, or a UsageError naming the first unsupported field."""
+        """The spec of a PEFT LoRA config, or a UsageError naming the first unsupported field.
+
+        An AdaLoRA config reads as its LoRA equivalent (rank init_r, alpha so that alpha / r is
+        AdaLoRA's scaling), the form `read_adapter_weights` gives its tensors in.
+        """
+        if config.get("peft_type") == "ADALORA":
+            from qlora.adapters.adalora import lora_equivalent_alpha
+
+            if "init_r" not in config or "lora_alpha" not in config:
+                raise UsageError(f"{source}: an ADALORA config needs init_r and lora_alpha")
+            config = {**config, "peft_type": "LORA", "r": config["init_r"], "rank_pattern": None,
+                      "lora_alpha": lora_equivalent_alpha(config)}
         checks = {
             "peft_type": (config.get("peft_type"), "LORA"),
             "rank_pattern": (bool(config.get("rank_pattern")), False),

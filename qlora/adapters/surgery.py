@@ -18,6 +18,7 @@ from qlora.dtypes import torch_dtype
 from qlora.errors import UsageError
 from qlora.nn import Linear4bit, LoRALinear
 from qlora.nn.adapter import adapter_layers
+from qlora.nn.adalora import AdaLoRALinear
 from qlora.nn.dora import DoRALinear
 from qlora.nn.swap import ModuleFilter, name_matches, swap_modules
 
@@ -61,13 +62,14 @@ def _compile(targets: str) -> re.Pattern:
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Wrap the target linear modules in ``LoRALinear`` (``DoRALinear`` with ``use_dora``) per ``spec``; freeze all but the adapters.
+    """Wrap the target linear modules in ``LoRALinear`` (``DoRALinear`` with ``use_dora``,
+    ``AdaLoRALinear`` with ``adalora``) per ``spec``; freeze all but the adapters.
 
     Returns the wrapped modules' full names. See ``lora_filter`` for ``spec.targets``.
     """
     keep = lora_filter(model, spec.targets)
     dtype = torch_dtype(spec.dtype)
-    layer = DoRALinear if spec.use_dora else LoRALinear
+    layer = DoRALinear if spec.use_dora else AdaLoRALinear if spec.adalora else LoRALinear
     wrapped = swap_modules(model, keep, lambda m: layer(m, spec.r, spec.alpha, spec.dropout, spec.use_rslora, dtype))
     model.requires_grad_(False)
     for layer in adapter_layers(model).values():

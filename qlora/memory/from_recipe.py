@@ -22,7 +22,7 @@ def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSetting
     chunk = recipe.train.loss_chunk_size
     fields = dict(
         lora_r=recipe.lora.r, lora_targets=_recipe_targets(recipe.lora.targets), lora_dropout=recipe.lora.dropout,
-        lora_dtype=recipe.lora.dtype, seq_len=recipe.data.max_length, micro_batch=recipe.train.micro_batch_size,
+        lora_dtype=recipe.lora.dtype, adalora=recipe.lora.use_adalora, seq_len=recipe.data.max_length, micro_batch=recipe.train.micro_batch_size,
         grad_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.optim.name,
         compute_dtype=recipe.model.dtype, quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant,

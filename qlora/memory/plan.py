@@ -100,6 +100,8 @@ class PlanSettings:
     """Linear layers that get adapters; default all seven ("all-linear")."""
     lora_dropout: float = 0.0
     lora_dtype: str = "bf16"
+    adalora: bool = False
+    """AdaLoRA: two fp32 score averages (sensitivity, uncertainty) per adapter weight."""
     seq_len: int = 512
     micro_batch: int = 1
     grad_checkpointing: bool = True
@@ -339,6 +341,8 @@ def plan_memory(config: dict | ModelShape, settings: PlanSettings | None = None)
         "lora_params": (lora_bytes * lora_params, f"r={s.lora_r} on {len(s.lora_targets)} linears/layer, {s.lora_dtype}"),
         "lora_grads": (lora_bytes * lora_params, f"same dtype as the adapters ({s.lora_dtype})"),
         "optimizer_states": (_optimizer_bytes(lora_sizes, s), f"{s.optimizer}, 2 states per LoRA param"),
+        **({"adalora_scores": (2 * 4 * lora_params, "AdaLoRA: 2 fp32 averages of |w * grad| per adapter weight")}
+           if s.adalora else {}),
         "activations": (saved_activation_bytes(model, s, s.grad_checkpointing), f"{ckpt}, {s.attention} attention"),
         "logits_and_loss": (logits, f"{s.compute_dtype} logits + fp32 log-softmax + fp32 grads"
                             + ("" if s.loss == "full" else f", {s.loss_chunk}-token chunks")),

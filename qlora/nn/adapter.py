@@ -30,6 +30,7 @@ class Role(str, enum.Enum):
     A = "lora_A"  # down-projection (in -> r)
     B = "lora_B"  # up-projection (r -> out); LoRA+ scales its learning rate
     MAGNITUDE = "magnitude"  # a per-output-feature scale (DoRA); no weight decay
+    SINGULAR = "lora_E"  # AdaLoRA's singular values (r, 1); no weight decay
     OTHER = "other"
 
     @property

@@ -112,7 +112,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, spec: LoraSpec, 
         _exchange_path(str(tmp), rt)
         _save_state(rank_state, tmp / STATE_FILE.format(rank=0))
         _barrier(rt)
-        save_adapter(model, tmp / ADAPTER, spec, base_model)
+        save_adapter(model, tmp / ADAPTER, spec, base_model, prune_ranks=False)
         write_manifest(tmp)
     older = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p != final)
     for stale in older[: max(0, len(older) - (keep - 1))]:

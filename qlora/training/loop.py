@@ -33,6 +33,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from qlora import runtime
+from qlora.adapters.hooks import training_hooks
 from qlora.adapters.init import save_base
 from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.surgery import trainable_summary
@@ -107,16 +108,17 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
                                                         rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
+    steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
+    total_steps = tc.max_steps or steps_per_epoch * (tc.epochs or 1)
     t_load = time.perf_counter()
-    spec, base_dir = cfg.lora.spec(), RunDir(run_dir).base
+    spec, base_dir = cfg.lora.spec().scheduled(total_steps), RunDir(run_dir).base
     # A base that lora.init changed is saved in the run; the adapters name it, a resume loads it.
     base_name = str(base_dir.resolve()) if spec.changes_base else cfg.model.name_or_path
     with phase("load"):
         model = build_model(cfg, rt, base_dir if resume and spec.changes_base else None)
     say(f"model: {cfg.model.name_or_path} loaded in {time.perf_counter() - t_load:.1f}s "
         f"({'4-bit ' + cfg.quant.quant_type if cfg.quant.enabled else '16-bit'}); {trainable_summary(model)}")
-    steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
-    total_steps = tc.max_steps or steps_per_epoch * (tc.epochs or 1)
+    hooks = training_hooks(model, spec)  # per-step work of the adapter family (AdaLoRA's ranks)
     if checkpoint is not None:  # adapter weights go in before FSDP shards them
         state = load_checkpoint(checkpoint, model, rt.rank, rt.world_size)
     loss_fn: nn.Module = CausalLMLoss(model, tc.loss_chunk_size)
@@ -132,6 +134,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         train_loader.batch_sampler.load_state_dict(state["sampler"])
         runtime.set_rng_state(state["rng"])
         progress = Progress(**state["progress"])
+        for hook, hook_state in zip(hooks, state.get("hooks", [])):
+            hook.load_state_dict(hook_state)
         say(f"resumed from {checkpoint} at step {progress.step}")
     if rt.is_main:
         if clear_old_run:  # only now that the model and data loaded: a failed start keeps the old run
@@ -171,13 +175,16 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                 with phase("forward"):
                     loss_sum, _ = loss_fn(**{k: v.to(rt.device, non_blocking=True) for k, v in batch.items()})
                 with phase("backward"):
-                    (loss_sum * scale).backward()
+                    (loss_sum * scale + _penalty(hooks) / len(window)).backward()
             loss_total += loss_sum.detach()
         with phase("optimizer"):
             inject_nan(optimizer, progress.step + 1)  # test hook, off unless QLORA_INJECT_NAN_STEPS is set
             grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
+            hook_metrics = {}
             if step_ok := guard.step_ok(grad_norm, progress.step + 1):
                 optimizer.step()
+                for hook in hooks:
+                    hook_metrics.update(hook.after_step(progress.step + 1))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -190,7 +197,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
                       "loss": float(loss_total) / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
                       "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
-                      "grad_norm": float(grad_norm), **({} if step_ok else {"skipped": True})}
+                      "grad_norm": float(grad_norm), **hook_metrics, **({} if step_ok else {"skipped": True})}
             metrics.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             summary["last_loss"] = record["loss"]
@@ -205,7 +212,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                     continue
                 state = {"optimizer": to_local(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                          "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
-                         "progress": {"step": progress.step, "tokens": progress.tokens}}
+                         "progress": {"step": progress.step, "tokens": progress.tokens},
+                         "hooks": [hook.state_dict() for hook in hooks]}
                 save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt)
     bar.close()
     elapsed = time.perf_counter() - t_train
@@ -230,6 +238,12 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         summary["loss_plot"] = _plot(run_dir)
     metrics.close()
     return summary
+
+
+def _penalty(hooks: list) -> torch.Tensor | float:
+    """The sum of the hooks' loss penalties (0 when none has one)."""
+    terms = [p for hook in hooks if (p := hook.penalty()) is not None]
+    return sum(terms) if terms else 0.0
 
 
 def _plot(run_dir: Path) -> str | None:
