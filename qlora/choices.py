@@ -21,6 +21,8 @@ LORA_INITS = ("default", "loftq", "pissa")  # adapter initialisation (qlora.adap
 """What the packed 4-bit bytes are viewed as (bf16 lets FSDP shard them beside bf16 parameters)."""
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
 """Optimiser names: bitsandbytes' paged / 8-bit AdamW variants, or torch AdamW."""
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""Experiment trackers a run can report to (`output.report_to`), each through its own library."""
 COMBINE_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
                    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 """`qlora combine` methods, PEFT's `add_weighted_adapter` names (`*_svd`: the rank-R SVD of the

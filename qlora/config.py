@@ -300,18 +300,38 @@ class TrainConfig(Section):
     """Optimiser steps in a row with a non-finite (NaN / Inf) gradient norm before the run stops
     with exit status 3. Each such step is skipped (weights untouched) and no checkpoint is written
     during the streak. The same count of all-zero gradient norms in a row is warned about."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept in `checkpoints/`; older ones are deleted as new ones are written."""
+    keep_best: Optional[Literal["eval_loss"]] = None
+    """`eval_loss`: keep the adapter of the lowest held-out loss seen at any evaluation in `best/`
+    (outside checkpoint rotation), and make the final `adapter/` (and the after-training eval and
+    samples) that best one rather than the last step's. Null: the last step's adapter."""
+    early_stopping_patience: Optional[int] = None
+    """Stop training after this many evaluations in a row without an improvement of the held-out
+    loss by more than early_stopping_threshold (needs eval_every > 0). Null: never stop early."""
+    early_stopping_threshold: float = 0.0
+    """Smallest drop of the held-out loss (nats/token) that counts as an improvement for early stopping."""
+    eval_samples: int = 0
+    """At each evaluation, greedily answer this many held-out prompts (printed and written to
+    metrics.jsonl with the eval record). 0: none; `qlora train --samples` covers before / after."""
+    eval_sample_tokens: int = 32
+    """New tokens per answer of eval_samples (kept small: each token is one forward pass)."""
 
     def __post_init__(self) -> None:
         self._check_types()
         for name in ("micro_batch_size", "grad_accum_steps"):
             self._require_range(name, 1, MAX_BATCH)
-        for name in ("max_steps", "epochs", "eval_steps", "max_bad_steps"):
+        for name in ("max_steps", "epochs", "eval_steps", "max_bad_steps", "keep_checkpoints",
+                     "early_stopping_patience", "eval_sample_tokens"):
             self._require_range(name, 1, MAX_COUNT)
         self._require(self.max_steps is not None or self.epochs is not None, "epochs",
                       "set train.max_steps or train.epochs")
-        for name in ("eval_every", "log_every", "save_every", "loss_chunk_size"):
+        for name in ("eval_every", "log_every", "save_every", "loss_chunk_size", "eval_samples"):
             self._require_range(name, 0, MAX_COUNT)
         self._require_range("threads", 1, MAX_THREADS)
+        self._require(self.early_stopping_threshold >= 0, "early_stopping_threshold", "expected a number >= 0")
+        self._require(self.early_stopping_patience is None or self.eval_every > 0, "early_stopping_patience",
+                      "early stopping needs evaluations during training: set train.eval_every > 0")
 
 
 @dataclass
@@ -322,12 +342,23 @@ class OutputConfig(Section):
     """Run folder: metrics, checkpoints, the final adapter and the resolved recipe."""
     overwrite: bool = False
     """Replace an existing run folder (otherwise refuse to start)."""
-    tensorboard: bool = True
-    """Also write TensorBoard logs when the tensorboard package is installed."""
+    report_to: list[Literal[choices.TRACKERS]] = field(default_factory=list)
+    """Experiment trackers that get every metrics record besides `metrics.jsonl`: `tensorboard`
+    (events in `<dir>/tensorboard/`), `wandb` (honours WANDB_MODE, e.g. offline; files under
+    `<dir>/wandb/`), `mlflow` (MLFLOW_TRACKING_URI, else a file store in `<dir>/mlruns/`). One
+    that is not installed is skipped with a one-line warning (`pip install -e '.[trackers]'`)."""
+    tensorboard: bool = False
+    """The older spelling of `report_to: [tensorboard]`: true adds tensorboard to report_to."""
 
     def __post_init__(self) -> None:
         self._check_types()
         self._require(bool(self.dir.strip()), "dir", "give an output folder")
+        self._require(len(set(self.report_to)) == len(self.report_to), "report_to", "name each tracker once")
+
+    def trackers(self) -> list[str]:
+        """The trackers to report to: report_to, plus tensorboard when the older key asks for it."""
+        extra = ["tensorboard"] if self.tensorboard and "tensorboard" not in self.report_to else []
+        return [*self.report_to, *extra]
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -362,6 +393,9 @@ class RecipeConfig:
         if self.train.distributed == "fsdp" and self.optim.name != "adamw":
             raise UsageError(f"optim.name: {self.optim.name!r} is not allowed with train.distributed 'fsdp'; "
                              "expected 'adamw' (bitsandbytes optimisers cannot update FSDP's sharded DTensors)")
+        if self.train.distributed == "fsdp" and self.train.keep_best:
+            raise UsageError(f"train.keep_best: {self.train.keep_best!r} is not allowed with train.distributed "
+                             "'fsdp'; expected null (the best adapter is reloaded into unsharded layers only)")
 
     def _check_adalora_schedule(self) -> None:
         if self.train.max_steps is not None:  # else checked once the data gives the number of steps

@@ -44,7 +44,10 @@ def print_summary(summary: dict) -> None:
               f"perplexity: {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f}")
     elif after:
         print(f"eval loss: {after['eval_loss']:.4f}   perplexity: {after['eval_ppl']:.2f}")
-    print(f"trained {summary['total_steps']} steps at {summary['train_tokens_per_s']:.0f} tokens/s; "
-          f"adapter: {summary['adapter']}")
+    stopped = summary.get("stopped_early_at")
+    steps = f"{stopped} of {summary['total_steps']} steps (early stopping)" if stopped else f"{summary['total_steps']} steps"
+    best = summary.get("best")
+    kept = f" (best eval, step {best['step']})" if best else ""
+    print(f"trained {steps} at {summary['train_tokens_per_s']:.0f} tokens/s; adapter{kept}: {summary['adapter']}")
     for s in summary.get("samples", []):
         print(f"\n> {s['prompt']}\n  before: {s['before']}\n  after:  {s['after']}")

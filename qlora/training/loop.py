@@ -14,6 +14,9 @@ Resume (`resume=True`) reloads the newest checkpoint of the run folder: adapter 
 and scheduler states, RNG states and the sampler position, so the continued run takes the same
 batches with the same dropout masks as an uninterrupted one.
 
+Evaluations (printed, logged, sample answers, the best adapter, early stopping) live in `evals`;
+their best / patience state is part of every checkpoint.
+
 Reliability lives beside the loop, not in it: `guard` (a non-finite step is skipped, too many in a
 row stop the run with exit status 3, non-finite weights are never saved) and `lock` (one live run
 per folder, leftovers of a killed run removed).
@@ -38,17 +41,17 @@ from qlora.adapters.init import save_base
 from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.surgery import trainable_summary
 from qlora.config import RecipeConfig
-from qlora.recipe import save_recipe
+from qlora.recipe import recipe_to_dict, save_recipe
 from qlora.data import make_dataloaders, prompt_of, split_sources
 from qlora.errors import UsageError
 from qlora.hf.folder import load_tokenizer
-from qlora.inference.evaluate import evaluate
 from qlora.inference.generate import before_after
 from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
 from qlora.run_dir import RunDir
 from qlora.training.build import build_model, prepare_run_dir
 from qlora.training.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from qlora.training.evals import Evaluator
 from qlora.training.guard import StepGuard, inject_nan
 from qlora.training.lock import clear_run_dir, run_lock
 from qlora.training.metrics import MetricsLogger
@@ -108,6 +111,9 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
                                                         rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
+    if eval_loader is None and (tc.keep_best or tc.early_stopping_patience):
+        raise UsageError("train.keep_best / train.early_stopping_patience need held-out data: set "
+                         "data.eval_fraction, data.eval_size or data.eval_dataset")
     steps_per_epoch = max(1, len(train_loader) // tc.grad_accum_steps)
     total_steps = tc.max_steps or steps_per_epoch * (tc.epochs or 1)
     t_load = time.perf_counter()
@@ -144,18 +150,21 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         save_recipe(cfg, RunDir(run_dir).recipe)
         if spec.changes_base and checkpoint is None:
             save_base(model, base_dir, cfg.model.name_or_path)
-    metrics = MetricsLogger(run_dir, cfg.output.tensorboard, enabled=rt.is_main, resume_step=progress.step)
+    metrics = MetricsLogger(run_dir, cfg.output.trackers(), recipe_to_dict(cfg), enabled=rt.is_main,
+                            resume_step=progress.step)
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"
-    prompts = _sample_prompts(cfg, samples) if samples and rt.is_main and not sharded else []
+    k = max(samples, tc.eval_samples)
+    prompts = _sample_prompts(cfg, k) if k and rt.is_main and not sharded else []
+    evaluator = Evaluator(tc, loss_fn, eval_loader, rt, metrics, model, tokenizer, prompts[:tc.eval_samples],
+                          run_dir, spec, base_name, say=tqdm.write if rt.is_main else say)
+    if checkpoint is not None and "best" in state:
+        evaluator.best.load_state_dict(state["best"])
 
     summary: dict = {"run_dir": str(run_dir), "total_steps": total_steps}
     if eval_loader is not None and not resume:
         with phase("eval"):
-            summary["eval_before"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
-        metrics.log({"step": 0, **summary["eval_before"]})
-        say(f"eval before training: loss {summary['eval_before']['eval_loss']:.4f} "
-            f"ppl {summary['eval_before']['eval_ppl']:.2f}")
+            summary["eval_before"] = evaluator(0, " (before training)")
 
     batches = _micro_batches(train_loader)
     guard = StepGuard(tc.max_bad_steps)
@@ -202,10 +211,14 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             summary["last_loss"] = record["loss"]
 
-        if eval_loader is not None and tc.eval_every and progress.step % tc.eval_every == 0 \
-                and progress.step != total_steps:
+        if eval_loader is not None and tc.eval_every and progress.step % tc.eval_every == 0:
             with phase("eval"):
-                metrics.log({"step": progress.step, **evaluate(loss_fn, eval_loader, rt, tc.eval_steps)})
+                evaluator(progress.step)
+        if evaluator.should_stop:
+            say(f"early stopping at step {progress.step}: {evaluator.best.bad_evals} evaluations without "
+                f"a loss below {evaluator.best.best_loss:.4f} - {tc.early_stopping_threshold:g}")
+            summary["stopped_early_at"] = progress.step
+            break
         if tc.save_every and progress.step % tc.save_every == 0:
             with phase("save"), full_parameters(loss_fn):
                 if not guard.can_checkpoint(model, progress.step):
@@ -213,8 +226,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                 state = {"optimizer": to_local(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                          "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
                          "progress": {"step": progress.step, "tokens": progress.tokens},
-                         "hooks": [hook.state_dict() for hook in hooks]}
-                save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt)
+                         "hooks": [hook.state_dict() for hook in hooks], "best": evaluator.best.state_dict()}
+                save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt, keep=tc.keep_checkpoints)
     bar.close()
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
@@ -225,15 +238,18 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             summary["ranks_agree"] = _ranks_agree(model, rt)
     if eval_loader is not None:
         with phase("eval"):
-            summary["eval_after"] = evaluate(loss_fn, eval_loader, rt, tc.eval_steps)
-        metrics.log({"step": progress.step, **summary["eval_after"]})
+            if evaluator.last_step != progress.step:
+                evaluator(progress.step, " (after training)")
+            summary["eval_after"] = evaluator.restore_best()
+        if tc.keep_best:
+            summary["best"] = {"step": evaluator.best.best_step, "eval_loss": evaluator.best.best_loss}
     with phase("save"), full_parameters(loss_fn):
         guard.check_final(model, progress.step)
         if rt.is_main:
             save_adapter(model, RunDir(run_dir).adapter, spec, base_name)
             summary["adapter"] = str(RunDir(run_dir).adapter)
-    if prompts:
-        summary["samples"] = before_after(model, tokenizer, prompts)
+    if prompts and samples:
+        summary["samples"] = before_after(model, tokenizer, prompts[:samples])
     if rt.is_main:
         summary["loss_plot"] = _plot(run_dir)
     metrics.close()

@@ -1,7 +1,9 @@
-"""Run metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard when installed.
+"""Run metrics: one JSON object per line in `metrics.jsonl`, mirrored to the recipe's trackers.
 
 Train records (one per optimiser step): step, epoch, loss, lr, tokens (cumulative input tokens),
-step_time_s, tokens_per_s, grad_norm. Eval records: step, eval_loss, eval_ppl, eval_tokens.
+step_time_s, tokens_per_s, grad_norm. Eval records: step, eval_loss, eval_ppl, eval_tokens, and
+`samples` (prompt / answer pairs) when train.eval_samples asks for them. Trackers
+(`output.report_to`, `qlora.training.trackers`) get each record's finite numbers.
 Only the main process writes. The file is appended to, so a resumed run continues it; records of
 the steps after the checkpoint it resumes from (the steps it redoes) are dropped first, so no step
 appears twice. The file is strict JSON: a non-finite number (a skipped NaN step's loss and
@@ -16,37 +18,31 @@ from pathlib import Path
 
 from qlora.io import write_text_atomic
 from qlora.run_dir import RunDir
+from qlora.training.trackers import open_trackers, scalars
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, trackers: list[str] = (), config: dict | None = None, enabled: bool = True,
+                 resume_step: int = 0) -> None:
+        """`trackers`: names from `output.report_to`; `config`: the recipe as a dict, for the trackers."""
         self.enabled = enabled
         self.path = RunDir(run_dir).metrics
         if enabled and resume_step and self.path.is_file():
             lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
             write_text_atomic(self.path, "".join(line for line in lines if _step_at_most(line, resume_step)))
-        self._tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard))
-            except ImportError:  # tensorboard is optional
-                self._tb = None
+        self.trackers = open_trackers(list(trackers), Path(run_dir), config or {}) if enabled else []
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(_line(record))
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, record["step"])
+        for tracker in self.trackers:
+            tracker.log(scalars(record), record["step"])
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _line(record: dict) -> str:
