@@ -345,7 +345,7 @@ class OutputConfig(Section):
     report_to: list[Literal[choices.TRACKERS]] = field(default_factory=list)
     """Experiment trackers that get every metrics record besides `metrics.jsonl`: `tensorboard`
     (events in `<dir>/tensorboard/`), `wandb` (honours WANDB_MODE, e.g. offline; files under
-    `<dir>/wandb/`), `mlflow` (MLFLOW_TRACKING_URI, else a file store in `<dir>/mlruns/`). One
+    `<dir>/wandb/`), `mlflow` (MLFLOW_TRACKING_URI, else an SQLite store `<dir>/mlflow.db`). One
     that is not installed is skipped with a one-line warning (`pip install -e '.[trackers]'`)."""
     tensorboard: bool = False
     """The older spelling of `report_to: [tensorboard]`: true adds tensorboard to report_to."""

@@ -160,7 +160,7 @@ def test_cli_quick_writes_json_without_matplotlib_and_says_how_to_install(tiny_m
     assert report["perplexity"]["text"]["tokens_used"] == TINY.ppl_tokens
     assert not (out / "accuracy.png").exists()
     captured = capsys.readouterr()
-    assert "pip install 'qlora[plot]'" in captured.err and "perplexity of" in captured.out
+    assert "pip install -e '.[plot]'" in captured.err and "perplexity of" in captured.out
 
 
 def test_cli_rejects_an_out_path_that_is_a_file(tmp_path, capsys):

@@ -80,4 +80,4 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     synthetic_run(tmp_path / "run")
     assert main(["plot", str(tmp_path / "run")]) == 2
-    assert "pip install 'qlora[plot]'" in capsys.readouterr().err
+    assert "pip install -e '.[plot]'" in capsys.readouterr().err

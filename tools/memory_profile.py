@@ -13,7 +13,7 @@ forward, backward, optimizer, save):
   * on CUDA also the allocator's max allocated / reserved bytes, and a memory snapshot
     (`torch.cuda.memory._record_memory_history` + `_dump_snapshot`, viewable at pytorch.org/memory_viz).
 Writes DIR/memory.json (timeline, per-phase peaks, breakdowns, the plan) and DIR/memory_timeline.png
-(needs matplotlib: `pip install 'qlora[plot]'`), and prints a table. The planner (`qlora memory`)
+(needs matplotlib: `pip install -e '.[plot]'`), and prints a table. The planner (`qlora memory`)
 predicts tensor bytes, so its total is compared with the tensor peak of a training step, not with
 RSS (which adds the interpreter and libraries: compare RSS with the plan plus the import baseline).
 """
@@ -147,7 +147,7 @@ def plot_timeline(timeline: dict, summary: dict, comparison: dict, path: Path) -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("memory_timeline.png skipped: matplotlib is not installed (pip install 'qlora[plot]')")
+        print("memory_timeline.png skipped: matplotlib is not installed (pip install -e '.[plot]')")
         return None
     t, phase = timeline["t_s"], timeline["phase"]
     fig, ax = plt.subplots(figsize=(11, 4.5))

@@ -2,7 +2,7 @@
 
 Reads RUN_DIR/metrics.jsonl (written by `qlora train`) and draws train loss against optimiser step
 (eval loss on top) and against tokens seen, and the learning rate. Needs matplotlib
-(`pip install 'qlora[plot]'`).
+(`pip install -e '.[plot]'`).
 """
 
 from __future__ import annotations

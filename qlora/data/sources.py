@@ -25,7 +25,7 @@ def chatterbot_rows(language: str = "english") -> list[dict[str, Any]]:
     spec = importlib.util.find_spec("chatterbot_corpus")  # locate without importing its package code
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("data.dataset 'chatterbot' needs the chatterbot-corpus package: "
-                         "pip install chatterbot-corpus==1.3.3 (or pip install 'qlora[embedded]')")
+                         "pip install chatterbot-corpus==1.3.3 (or pip install -e '.[embedded]')")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / language
     rows = []
     for path in sorted(folder.glob("*.yml")):

