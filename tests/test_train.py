@@ -34,8 +34,8 @@ def home(tmp_path_factory):
         os.environ["QLORA_HOME"] = old
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def run_cli(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "qlora.cli", *args], capture_output=True, text=True,
                           env=env, timeout=600, input=stdin)
 
