@@ -81,3 +81,32 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
     synthetic_run(tmp_path / "run")
     assert main(["plot", str(tmp_path / "run")]) == 2
     assert "pip install -e '.[plot]'" in capsys.readouterr().err
+
+
+def test_loss_figure_texts_keep_clear_of_each_other(tmp_path):
+    """The run title sits above the panel titles, and each y-label and tick label stays inside the
+    figure and clear of the panel to its left (issue: the title overlapped the panel titles, LR tick
+    labels were clipped, y-labels collided). Losses near 10.8 and a 2e-4 cosine give wide labels."""
+    import math
+
+    run = tmp_path / "a-run-folder-with-a-long-name"
+    write_metrics(run, [{"step": s, "loss": 10.8 - 0.013 * s, "lr": 1e-4 * (1 + math.cos(math.pi * s / 12)),
+                         "tokens": 190 * s} for s in range(1, 13)]
+                  + [{"step": s, "eval_loss": 10.82 - 0.012 * s} for s in (0, 4, 8, 12)])
+    fig = P.loss_figure(run)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    gap = 3  # pixels at 100 dpi
+    title = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        assert title.y0 >= ax.title.get_window_extent(renderer).y1 + gap
+    labels = []
+    for ax in fig.axes:
+        parts = [ax.yaxis.label.get_window_extent(renderer), ax.yaxis.get_offset_text().get_window_extent(renderer)]
+        parts += [t.get_window_extent(renderer) for t in ax.get_yticklabels() if t.get_text()]
+        assert all(fig.bbox.x0 <= b.x0 and b.x1 <= fig.bbox.x1 and b.y1 <= fig.bbox.y1 for b in parts)
+        labels.append(parts)
+    for left_ax, right_labels in zip(fig.axes, labels[1:]):
+        edge = left_ax.get_window_extent(renderer).x1
+        assert min(b.x0 for b in right_labels) >= edge + gap
+    P.pyplot().close(fig)

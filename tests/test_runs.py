@@ -102,6 +102,7 @@ def test_wandb_offline_run_is_written_in_the_run_folder(best_run):
     assert b"keep_best" in data  # the recipe went in as the run's config
 
 
+@pytest.mark.slow  # ~20 s; test_early_stopping_resumes_with_its_patience resumes the same state by default
 def test_keep_best_resumes_exactly(best_run, tmp_path):
     """Killed after step 10's checkpoint: the resumed run must still know step 10 is the best."""
     out, _ = best_run

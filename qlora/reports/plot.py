@@ -68,10 +68,17 @@ def load_run_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]
 
 
 def plot_loss_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Train (and eval) loss against step and against tokens seen, and the learning rate."""
+    """Train (and eval) loss against step and against tokens seen, and the learning rate, as a PNG."""
+    return save_figure(loss_figure(run_dir), out)
+
+
+def loss_figure(run_dir: str | os.PathLike):
+    """The figure of `plot_loss_curves` (three panels under one title), not yet rendered."""
     train, evals = load_run_metrics(run_dir)
     plt = pyplot()
-    fig, (ax_step, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    # constrained layout keeps the suptitle above the panel titles and each y-label clear of the
+    # neighbouring panel's tick labels.
+    fig, (ax_step, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
     steps = [r["step"] for r in train]
     if train:
         ax_step.plot(steps, [r["loss"] for r in train], lw=1, label="train")
@@ -89,8 +96,9 @@ def plot_loss_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path
     if with_lr:
         ax_lr.plot([r["step"] for r in with_lr], [r["lr"] for r in with_lr], lw=1)
     ax_lr.set(xlabel="optimiser step", ylabel="learning rate", title="learning rate")
-    fig.suptitle(Path(run_dir).resolve().name)
-    return save_figure(fig, out)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
+    fig.suptitle(f"run {Path(run_dir).resolve().name}", fontweight="bold")
+    return fig
 
 
 # ================================================================================ accuracy report
