@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -296,7 +297,7 @@ def test_step_peak_within_10_percent_of_measured(vocab, checkpointing):
     with _LiveTensorBytes() as live:
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-    plan = plan_memory(config, PlanSettings(lora_r=8, seq_len=seq, micro_batch=batch,
+    plan = plan_memory(config, PlanSettings(lora_r=8, seq_len=seq, micro_batch=batch, loss="full",  # HF's loss
                                             grad_checkpointing=checkpointing, device="cpu"))
     step_items = ("lora_grads", "activations", "logits_and_loss", "layer_backward")
     planned = sum(plan.breakdown[k] for k in step_items)
@@ -436,3 +437,46 @@ def test_chunked_loss_counts_target_tokens_only():
     assert logits_loss_bytes(shape, fewer) == 12 * 30 * 512 + 30 * (2 * 64 + 8)
     with pytest.raises(UsageError, match="target_tokens"):
         dataclasses.replace(s, target_tokens=10_000)
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_cli_plans_each_shipped_recipe_as_the_trainer_runs_it(recipe, tmp_path, capsys):
+    from qlora.memory.from_recipe import recipe_shape, settings_from_recipe
+    from qlora.recipe import load_recipe
+
+    out = tmp_path / "plan.json"
+    assert main(["memory", str(recipe), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    cfg = load_recipe(recipe)
+    settings = settings_from_recipe(cfg)
+    expected = plan_memory(recipe_shape(cfg)[0], settings)
+    data = json.loads(out.read_text())
+    assert data["total_bytes"] == expected.total_bytes
+    assert data["settings"]["loss"] == ("chunked" if cfg.train.loss_chunk_size else "full") == settings.loss
+    assert (data["settings"]["lora_r"], data["settings"]["micro_batch"], data["settings"]["optimizer"]) == \
+        (cfg.lora.r, cfg.train.micro_batch_size, cfg.optim.name)
+    assert data["settings"]["grad_checkpointing"] == cfg.train.gradient_checkpointing
+    assert "as `qlora train` runs it" in printed and f"{expected.total_bytes:,}" in printed
+
+
+def test_cli_recipe_shapes_overrides_and_refusals(tmp_path, capsys):
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "llama3_8b_qlora_24gb.yaml")
+    assert main(["memory", recipe, "lora.r=8", "--gpu-gb", "24", "--json", str(tmp_path / "a.json")]) == 0
+    assert "built-in shape llama3-8b (models/Meta-Llama-3-8B is not on this machine)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())["settings"]["lora_r"] == 8
+    assert main(["memory", recipe, "--model", "mistral-7b"]) == 0
+    assert "mistral-7b (--model)" in capsys.readouterr().out
+    assert main(["memory", recipe, "--seq-len", "2048"]) == 2
+    assert "--seq-len: the recipe decides these" in capsys.readouterr().err
+    assert main(["memory", recipe, "model.name_or_path=models/llama3_8b_typo"]) == 2
+    err = capsys.readouterr().err
+    assert "model.name_or_path 'models/llama3_8b_typo'" in err and "--model" in err
+    assert main(["memory", "llama-7b", "lora.r=8"]) == 2 and "need a recipe" in capsys.readouterr().err
+
+
+def test_cli_unknown_model_suggests_the_close_name(capsys):
+    assert main(["memory", "llama3_8b"]) == 2
+    assert "did you mean 'llama3-8b'" in capsys.readouterr().err

@@ -1,15 +1,20 @@
-"""`qlora memory MODEL`: plan the peak memory of a QLoRA training step and say if it fits a GPU.
+"""`qlora memory MODEL|RECIPE`: plan the peak memory of a QLoRA training step and say if it fits a GPU.
 
 MODEL is a built-in name (`llama-65b`, `qwen2.5-7b`, ...; see `qlora memory --help`) or a path to
-a LLaMA-style `config.json`. Prints an itemised table; `--json PATH` writes the same numbers
-(including `total_bytes` and `fits`). GPU sizes are GiB, as CUDA reports them (a "48 GB" card
-has 48 GiB).
+a LLaMA-style `config.json`; a near miss (`llama3_8b`) gets a did-you-mean. RECIPE (a .yaml file,
+with `key=value` overrides as for `qlora train`) plans exactly what `qlora train RECIPE` would
+run: its LoRA, quantisation, batch, sequence length, checkpointing, optimiser and loss; planner
+options that the recipe decides are refused there. The defaults of the options follow the
+trainer's (chunked loss of 1024 tokens). Prints an itemised table; `--json PATH` writes the same
+numbers (including `total_bytes` and `fits`). GPU sizes are GiB, as CUDA reports them (a "48 GB"
+card has 48 GiB).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from qlora.errors import UsageError
 from qlora.io import write_json_atomic
 from qlora.memory import BUILTIN_MODELS, GIB, LINEAR_NAMES, MemoryPlan, PlanSettings, plan_memory, model_shape
 from qlora.memory.plan import ATTENTION, BLOCKSIZES, DEVICES, DTYPE_BYTES, LOSSES, OPTIMIZERS, QUANT_TYPES
@@ -21,24 +26,13 @@ def add_parser(subparsers) -> None:
         description="Itemised peak memory of one QLoRA training step (4-bit weights, LoRA, optimiser, "
                     "activations, logits, workspace, overhead) and whether it fits a GPU. "
                     f"Built-in models: {', '.join(BUILTIN_MODELS)}.")
-    p.add_argument("model", metavar="MODEL", help="built-in model name or path to a config.json")
-    p.add_argument("--lora-r", type=_positive_int, default=64, help="LoRA rank (default 64)")
-    p.add_argument("--lora-targets", type=_targets, default=LINEAR_NAMES, metavar="NAMES",
-                   help="comma-separated linear layers or 'all-linear' (default)")
-    p.add_argument("--lora-dropout", type=_fraction, default=0.0, help="LoRA dropout (default 0)")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="sequence length (default 512)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="micro-batch size (default 1)")
-    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="disable gradient checkpointing")
-    p.add_argument("--optim", choices=OPTIMIZERS, default="paged_adamw_8bit", help="optimiser (default paged_adamw_8bit)")
-    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="compute dtype (default bf16)")
-    p.add_argument("--lora-dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="adapter dtype (default bf16)")
-    p.add_argument("--quant", choices=QUANT_TYPES, default="nf4", help="4-bit format (default nf4)")
-    p.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, help="quantisation block (default 64)")
-    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="fp32 absmax per block")
-    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
-                   help="sdpa keeps no seq x seq scores; eager does (default sdpa)")
-    p.add_argument("--loss", choices=LOSSES, default="full", help="full logits or chunked loss (default full)")
-    p.add_argument("--loss-chunk", type=_positive_int, default=1024, help="tokens per chunk for --loss chunked")
+    p.add_argument("model", metavar="MODEL|RECIPE",
+                   help="built-in model name, path to a config.json, or a training recipe (.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.micro_batch_size=2")
+    p.add_argument("--model", dest="shape", metavar="NAME", help="with a recipe: plan this built-in model or "
+                   "config.json instead of the recipe's model.name_or_path")
+    for flag, kwargs in PLAN_OPTIONS.items():
+        p.add_argument(flag, **{**kwargs, "default": None})
     p.add_argument("--device", choices=DEVICES, default="cuda", help="cuda adds the CUDA context (default cuda)")
     p.add_argument("--gpu-gb", type=_positive_float, default=48.0, help="GPU memory in GiB (default 48)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
@@ -46,18 +40,55 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = PlanSettings(
-        lora_r=args.lora_r, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
-        lora_dtype=args.lora_dtype, seq_len=args.seq_len, micro_batch=args.batch,
-        grad_checkpointing=args.grad_ckpt, optimizer=args.optim, compute_dtype=args.dtype,
-        quant_type=args.quant, blocksize=args.blocksize, double_quant=args.double_quant,
-        attention=args.attention, loss=args.loss, loss_chunk=args.loss_chunk, device=args.device)
-    plan = plan_memory(model_shape(args.model), settings)
+    if args.model.endswith((".yaml", ".yml")):
+        shape, settings, note = _from_recipe(args)
+    else:
+        if args.overrides or args.shape:
+            raise UsageError(f"KEY=VALUE overrides and --model need a recipe (.yaml), not MODEL {args.model!r}")
+        options = {dest: default if getattr(args, dest) is None else getattr(args, dest)
+                   for dest, default in _DEFAULTS.items()}
+        shape, note = model_shape(args.model), ""
+        settings = PlanSettings(
+            lora_r=options["lora_r"], lora_targets=options["lora_targets"], lora_dropout=options["lora_dropout"],
+            lora_dtype=options["lora_dtype"], seq_len=options["seq_len"], micro_batch=options["batch"],
+            grad_checkpointing=options["grad_ckpt"], optimizer=options["optim"], compute_dtype=options["dtype"],
+            quant_type=options["quant"], blocksize=options["blocksize"], double_quant=options["double_quant"],
+            attention=options["attention"], loss=options["loss"], loss_chunk=options["loss_chunk"],
+            device=args.device)
+    plan = plan_memory(shape, settings)
     gpu_bytes = int(args.gpu_gb * GIB)
+    if note:
+        print(f"{args.model}: {note}")
     print(format_table(plan, gpu_bytes))
     if args.json:
         write_json_atomic(args.json, plan.to_dict(gpu_bytes))
     return 0
+
+
+def _from_recipe(args: argparse.Namespace):
+    """(shape, settings, note) for `qlora memory RECIPE`: the recipe's own settings, nothing else."""
+    from qlora.memory.from_recipe import recipe_shape, settings_from_recipe
+    from qlora.recipe import load_recipe
+
+    given = [flag for flag, kwargs in PLAN_OPTIONS.items() if getattr(args, _dest(flag, kwargs)) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: the recipe decides these; change them with recipe overrides "
+                         "(e.g. lora.r=8 train.micro_batch_size=2 data.max_length=1024)")
+    recipe = load_recipe(args.model, list(args.overrides))
+    if args.shape:
+        shape, note = model_shape(args.shape), f"shape of {args.shape} (--model)"
+    else:
+        shape, note = recipe_shape(recipe)
+    settings = settings_from_recipe(recipe, device=args.device)
+    return shape, settings, f"{note}\n{_describe(recipe, settings)}"
+
+
+def _describe(recipe, s: PlanSettings) -> str:
+    loss = f"chunked loss ({s.loss_chunk} tokens)" if s.loss == "chunked" else "full-logits loss"
+    return (f"as `qlora train` runs it: LoRA r={s.lora_r} on {','.join(s.lora_targets)}, "
+            f"{s.quant_type}{' + double quant' if s.double_quant else ''} block {s.blocksize}, "
+            f"{s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, {loss}, "
+            f"{s.attention} attention")
 
 
 def format_table(plan: MemoryPlan, gpu_bytes: int) -> str:
@@ -94,6 +125,34 @@ def _checked(cast, ok, allowed: str):
 _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+PLAN_OPTIONS = {  # planner options for a bare MODEL (a recipe sets them itself); defaults in _DEFAULTS
+    "--lora-r": dict(type=_positive_int, help="LoRA rank (default 64)"),
+    "--lora-targets": dict(type=lambda text: _targets(text), metavar="NAMES",
+                           help="comma-separated linear layers or 'all-linear' (default)"),
+    "--lora-dropout": dict(type=_fraction, help="LoRA dropout (default 0)"),
+    "--seq-len": dict(type=_positive_int, help="sequence length (default 512)"),
+    "--batch": dict(type=_positive_int, help="micro-batch size (default 1)"),
+    "--no-grad-ckpt": dict(dest="grad_ckpt", action="store_const", const=False, help="disable gradient checkpointing"),
+    "--optim": dict(choices=OPTIMIZERS, help="optimiser (default paged_adamw_8bit)"),
+    "--dtype": dict(choices=tuple(DTYPE_BYTES), help="compute dtype (default bf16)"),
+    "--lora-dtype": dict(choices=tuple(DTYPE_BYTES), help="adapter dtype (default bf16)"),
+    "--quant": dict(choices=QUANT_TYPES, help="4-bit format (default nf4)"),
+    "--blocksize": dict(type=int, choices=BLOCKSIZES, help="quantisation block (default 64)"),
+    "--no-double-quant": dict(dest="double_quant", action="store_const", const=False, help="fp32 absmax per block"),
+    "--attention": dict(choices=ATTENTION, help="sdpa keeps no seq x seq scores; eager does (default sdpa)"),
+    "--loss": dict(choices=LOSSES, help="chunked loss (the trainer's default, train.loss_chunk_size) or full "
+                                        "logits (default chunked)"),
+    "--loss-chunk": dict(type=_positive_int, help="tokens per chunk for --loss chunked (default 1024)"),
+}
+_DEFAULTS = dict(lora_r=64, lora_targets=LINEAR_NAMES, lora_dropout=0.0, seq_len=512, batch=1, grad_ckpt=True,
+                 optim="paged_adamw_8bit", dtype="bf16", lora_dtype="bf16", quant="nf4", blocksize=64,
+                 double_quant=True, attention="sdpa", loss="chunked", loss_chunk=1024)
+
+
+def _dest(flag: str, kwargs: dict) -> str:
+    return kwargs.get("dest", flag.lstrip("-").replace("-", "_"))
 
 
 def _targets(text: str) -> tuple[str, ...]:

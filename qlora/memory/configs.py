@@ -16,8 +16,10 @@ against transformers' own modules.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from qlora.errors import UsageError
@@ -142,6 +144,9 @@ BUILTIN_MODELS: dict[str, ModelShape] = {m.name: m for m in (
     _llama("smollm2-135m", 576, 1536, 30, 9, 3, 49152, tied=True),
 )}
 
+# Published checkpoints whose shapes equal a built-in's (Llama-2 7B / 13B kept LLaMA-1's shapes).
+ALIASES = {"llama2-7b": "llama-7b", "llama2-13b": "llama-13b"}
+
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
@@ -168,14 +173,31 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
     )
 
 
+def builtin_shape(name: str) -> ModelShape | None:
+    """The built-in shape of a name as people write it: `llama3-8b`, `LLAMA3-8B`, `Llama-2-7b-hf`,
+    `meta-llama/Meta-Llama-3-8B`, `models/llama-65b` (a folder named after its model); else None."""
+    key = re.sub(r"[_\s]+", "-", os.path.basename(name.rstrip("/\\")).lower())
+    key = re.sub(r"^meta-", "", re.sub(r"-(hf|instruct|chat)$", "", key))
+    key = re.sub(r"^llama-(\d)-", r"llama\1-", key)
+    key = ALIASES.get(key, key)
+    return BUILTIN_MODELS.get(key)
+
+
+def did_you_mean(name: str) -> str:
+    """` (did you mean 'llama3-8b'?)` for a name close to a built-in one, else ``."""
+    key = os.path.basename(name.rstrip("/\\")).lower().replace("_", "-")
+    close = difflib.get_close_matches(key, [*BUILTIN_MODELS, *ALIASES], n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def model_shape(model: str) -> ModelShape:
     """A built-in name (case-insensitive) or a path to a `config.json` (or a folder holding one)."""
-    builtin = BUILTIN_MODELS.get(model.lower())
+    builtin = BUILTIN_MODELS.get(ALIASES.get(model.lower(), model.lower()))
     if builtin is not None:
         return builtin
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.isfile(path):
-        raise UsageError(f"MODEL {model!r} is neither a built-in model nor a config.json path; "
+        raise UsageError(f"MODEL {model!r} is neither a built-in model nor a config.json path{did_you_mean(model)}; "
                          f"built-in models: {', '.join(BUILTIN_MODELS)}")
     try:
         with open(path, encoding="utf-8") as f:

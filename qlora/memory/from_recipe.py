@@ -1,11 +1,44 @@
-"""The planner's settings for a training recipe: the plan of exactly what `qlora train` would run."""
+"""The planner's settings for a training recipe: the plan of exactly what `qlora train` would run.
+
+`qlora memory RECIPE` plans from these: the recipe's model shape (its folder's config.json, or a
+built-in shape when the folder is not on this machine yet), LoRA rank and targets, quantisation,
+micro-batch and sequence length, gradient checkpointing, optimiser, attention and the chunked or
+full loss, all as `qlora train` would use them.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 
 from qlora.errors import UsageError
-from qlora.memory.configs import LINEAR_NAMES
+from qlora.memory.configs import BUILTIN_MODELS, LINEAR_NAMES, ModelShape, builtin_shape, did_you_mean, shape_from_config
 from qlora.memory.plan import PlanSettings
+
+
+def recipe_shape(recipe) -> tuple[ModelShape, str]:
+    """The shape of a recipe's `model.name_or_path` and a note on where it came from.
+
+    Tried in order: a local folder with config.json; a built-in shape of that name (`smollm2-135m`,
+    or a folder named after its model such as `models/Meta-Llama-3-8B`, which need not exist yet);
+    the built-in test model `tiny-llama`.
+    """
+    name = recipe.model.name_or_path
+    config = os.path.join(os.path.expanduser(name), "config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            return shape_from_config(json.load(f), name=name), f"shape from {config}"
+    shape = builtin_shape(name)
+    if shape is not None:
+        where = "" if shape.name == name else f" ({name} is not on this machine)"
+        return shape, f"built-in shape {shape.name}{where}"
+    if name == "tiny-llama":
+        from qlora.hf.embedded import TINY_LLAMA
+
+        return shape_from_config(TINY_LLAMA, name=name), "the built-in test model"
+    raise UsageError(f"model.name_or_path {name!r}: no local folder with config.json and no built-in shape of that "
+                     f"name{did_you_mean(name)}; pass --model with one of {', '.join(BUILTIN_MODELS)} or a "
+                     "config.json")
 
 
 def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSettings:

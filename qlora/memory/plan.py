@@ -113,7 +113,8 @@ class PlanSettings:
     double_quant: bool = True
     attention: str = "sdpa"
     """"sdpa" (flash/memory-efficient kernels, no T x T scores kept) or "eager"."""
-    loss: str = "full"
+    loss: str = "chunked"
+    """"chunked" (`qlora.nn.loss.CausalLMLoss`, the trainer's default) or "full" logits at once."""
     loss_chunk: int = 1024
     """Tokens per chunk when loss="chunked"."""
     target_tokens: int | None = None
