@@ -235,7 +235,7 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam beta1, beta2."""
     eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam epsilon, added to the root of the second moment for numerical stability."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the global gradient norm to this; null or 0 disables clipping."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -354,11 +354,6 @@ class OutputConfig(Section):
         self._check_types()
         self._require(bool(self.dir.strip()), "dir", "give an output folder")
         self._require(len(set(self.report_to)) == len(self.report_to), "report_to", "name each tracker once")
-
-    def trackers(self) -> list[str]:
-        """The trackers to report to: report_to, plus tensorboard when the older key asks for it."""
-        extra = ["tensorboard"] if self.tensorboard and "tensorboard" not in self.report_to else []
-        return [*self.report_to, *extra]
 
 
 SECTIONS: dict[str, type[Section]] = {

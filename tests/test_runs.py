@@ -182,3 +182,12 @@ def test_best_tracker_rules():
     again = BestTracker()
     again.load_state_dict(t.state_dict())
     assert again == t
+
+
+def test_the_older_tensorboard_key_still_reports_to_tensorboard():
+    from qlora.config import OutputConfig
+    from qlora.training.trackers import tracker_names
+
+    assert tracker_names(OutputConfig(tensorboard=True)) == ["tensorboard"]
+    assert tracker_names(OutputConfig(report_to=["wandb", "tensorboard"], tensorboard=True)) == ["wandb", "tensorboard"]
+    assert tracker_names(OutputConfig()) == []

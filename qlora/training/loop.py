@@ -55,6 +55,7 @@ from qlora.training.evals import Evaluator
 from qlora.training.guard import StepGuard, inject_nan
 from qlora.training.lock import clear_run_dir, run_lock
 from qlora.training.metrics import MetricsLogger
+from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
 
 log = logging.getLogger("qlora")
@@ -150,7 +151,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         save_recipe(cfg, RunDir(run_dir).recipe)
         if spec.changes_base and checkpoint is None:
             save_base(model, base_dir, cfg.model.name_or_path)
-    metrics = MetricsLogger(run_dir, cfg.output.trackers(), recipe_to_dict(cfg), enabled=rt.is_main,
+    metrics = MetricsLogger(run_dir, tracker_names(cfg.output), recipe_to_dict(cfg), enabled=rt.is_main,
                             resume_step=progress.step)
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"

@@ -83,6 +83,13 @@ TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow (with sqlalchemy)"}
 
 
+def tracker_names(output) -> list[str]:
+    """The trackers an `OutputConfig` asks for: report_to, plus tensorboard when the older
+    `output.tensorboard: true` asks for it."""
+    extra = ["tensorboard"] if output.tensorboard and "tensorboard" not in output.report_to else []
+    return [*output.report_to, *extra]
+
+
 def open_trackers(names: list[str], run_dir: Path, config: dict) -> list:
     """The trackers of `names` that can be opened; a missing library costs one warning line."""
     opened = []
