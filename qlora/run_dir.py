@@ -7,7 +7,9 @@
     <run>/checkpoints/step-N/  resumable checkpoints (adapter + per-rank trainer state)
     <run>/summary.json         losses before / after, throughput, output paths
     <run>/loss.png             loss curves (when matplotlib is installed)
-    <run>/tensorboard/         TensorBoard events (when tensorboard is installed)
+    <run>/best/                the best evaluation's adapter + best.json (train.keep_best)
+    <run>/tensorboard/         TensorBoard events (output.report_to: [tensorboard])
+    <run>/wandb/, mlflow.db    wandb's run files, MLflow's local store (output.report_to)
     <run>/run.lock             pid, host and start time of the live run (qlora.training.lock)
 
 Training writes them, eval / generate / merge / plot read them; every output is written atomically.
