@@ -303,19 +303,17 @@ class TrainConfig(Section):
     keep_checkpoints: int = 2
     """Resumable checkpoints kept in `checkpoints/`; older ones are deleted as new ones are written."""
     keep_best: Optional[Literal["eval_loss"]] = None
-    """`eval_loss`: keep the adapter of the lowest held-out loss seen at any evaluation in `best/`
-    (outside checkpoint rotation), and make the final `adapter/` (and the after-training eval and
-    samples) that best one rather than the last step's. Null: the last step's adapter."""
+    """`eval_loss`: keep the adapter of the lowest held-out loss in `best/` (out of checkpoint rotation);
+    the final `adapter/`, eval and samples are then that one. Null: the last step's adapter."""
     early_stopping_patience: Optional[int] = None
-    """Stop training after this many evaluations in a row without an improvement of the held-out
-    loss by more than early_stopping_threshold (needs eval_every > 0). Null: never stop early."""
+    """Stop after this many evaluations in a row in which the held-out loss fell by no more than
+    early_stopping_threshold (nats/token, default 0). Null: never stop early."""
     early_stopping_threshold: float = 0.0
-    """Smallest drop of the held-out loss (nats/token) that counts as an improvement for early stopping."""
+    """See early_stopping_patience."""
     eval_samples: int = 0
-    """At each evaluation, greedily answer this many held-out prompts (printed and written to
-    metrics.jsonl with the eval record). 0: none; `qlora train --samples` covers before / after."""
+    """Held-out prompts answered greedily at each evaluation (printed, and in its metrics record)."""
     eval_sample_tokens: int = 32
-    """New tokens per answer of eval_samples (kept small: each token is one forward pass)."""
+    """New tokens per answer of eval_samples (each is one forward pass)."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -332,6 +330,8 @@ class TrainConfig(Section):
         self._require(self.early_stopping_threshold >= 0, "early_stopping_threshold", "expected a number >= 0")
         self._require(self.early_stopping_patience is None or self.eval_every > 0, "early_stopping_patience",
                       "early stopping needs evaluations during training: set train.eval_every > 0")
+        self._require(not (self.keep_best and self.distributed == "fsdp"), "keep_best",
+                      "expected null with distributed 'fsdp' (the best adapter reloads into unsharded layers)")
 
 
 @dataclass
@@ -343,10 +343,9 @@ class OutputConfig(Section):
     overwrite: bool = False
     """Replace an existing run folder (otherwise refuse to start)."""
     report_to: list[Literal[choices.TRACKERS]] = field(default_factory=list)
-    """Experiment trackers that get every metrics record besides `metrics.jsonl`: `tensorboard`
-    (events in `<dir>/tensorboard/`), `wandb` (honours WANDB_MODE, e.g. offline; files under
-    `<dir>/wandb/`), `mlflow` (MLFLOW_TRACKING_URI, else an SQLite store `<dir>/mlflow.db`). One
-    that is not installed is skipped with a one-line warning (`pip install -e '.[trackers]'`)."""
+    """Trackers that also get every metrics record: `tensorboard` (`<dir>/tensorboard/`), `wandb`
+    (WANDB_MODE, e.g. offline; `<dir>/wandb/`), `mlflow` (MLFLOW_TRACKING_URI, else `<dir>/mlflow.db`).
+    One not installed is skipped with a warning line (`pip install -e '.[trackers]'` installs all)."""
     tensorboard: bool = False
     """The older spelling of `report_to: [tensorboard]`: true adds tensorboard to report_to."""
 
@@ -388,9 +387,6 @@ class RecipeConfig:
         if self.train.distributed == "fsdp" and self.optim.name != "adamw":
             raise UsageError(f"optim.name: {self.optim.name!r} is not allowed with train.distributed 'fsdp'; "
                              "expected 'adamw' (bitsandbytes optimisers cannot update FSDP's sharded DTensors)")
-        if self.train.distributed == "fsdp" and self.train.keep_best:
-            raise UsageError(f"train.keep_best: {self.train.keep_best!r} is not allowed with train.distributed "
-                             "'fsdp'; expected null (the best adapter is reloaded into unsharded layers only)")
 
     def _check_adalora_schedule(self) -> None:
         if self.train.max_steps is not None:  # else checked once the data gives the number of steps
