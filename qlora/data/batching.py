@@ -4,6 +4,15 @@
 batch of this rank), and `load_state_dict()` makes the next iteration start exactly there. Loaders
 use `num_workers=0`, so the sampler is never read ahead of the training loop. `collate` right-pads
 a batch to its longest example.
+
+Packing (`pack`) puts several documents in one row with no cross-document attention. Each packed
+row carries `position_ids` that restart at 0 at every document start; transformers reads positions
+that restart inside a row as packed documents (`masking_utils.find_packed_sequence_indices`) and
+builds a block-diagonal causal mask (SDPA, eager, flex) or, for flash attention, varlen calls
+with `cu_seqlens` (`qlora.nn.loss.packed_attention_kwargs`). A token then sees exactly what it
+would see with its document alone, at the same positions, so per-token losses equal those of the
+documents run one by one (tests/test_packing.py). The first token of a document gets label -100:
+it is not a target of the previous document's last token.
 """
 
 from __future__ import annotations
@@ -14,8 +23,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]}, unpadded
-
+Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} (+ "position_ids" when packed), unpadded
+IGNORE = -100
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -82,8 +91,33 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+def pack(examples: Sequence[Example], block: int) -> list[Example]:
+    """Concatenate examples into one stream cut into `block`-token rows (the last may be shorter).
+
+    Rows carry `position_ids`: 0, 1, ... within each document, restarting at every document start
+    and at the row start, so a document cut by a row end continues in the next row as a document
+    of its own (its tail trains without its head; nothing is padded or truncated). The first label
+    of each document and of each row is -100, so no document is trained to predict the next one's first token.
+    """
+    ids, labels, positions = [], [], []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += [IGNORE] + ex["labels"][1:]
+        positions += range(len(ex["input_ids"]))
+    rows = []
+    for start in range(0, len(ids), block):
+        row = positions[start: start + block]
+        first_doc = next((i for i, p in enumerate(row) if p == 0), len(row))  # a continued document's tail
+        rows.append({"input_ids": ids[start: start + block], "labels": [IGNORE] + labels[start + 1: start + block],
+                     "position_ids": list(range(first_doc)) + row[first_doc:]})
+    return rows
+
+
 def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids (pad_id), labels (-100), attention_mask (0 = pad).
+
+    Packed examples (with `position_ids`) also give `position_ids`; a row's padding counts as one
+    more document (positions 0, 1, ...), which no real token attends to (it comes after them).
 
     Also `target_positions`: the flat indices, in the (rows x (width - 1)) grid of next-token
     predictions, of the positions that have a target (label t+1 != -100). Computed here on the
@@ -92,12 +126,15 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """
     width = max(len(ex["input_ids"]) for ex in batch)
     out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
-           "labels": torch.full((len(batch), width), -100, dtype=torch.long),
+           "labels": torch.full((len(batch), width), IGNORE, dtype=torch.long),
            "attention_mask": torch.zeros((len(batch), width), dtype=torch.long)}
     for row, ex in enumerate(batch):
         n = len(ex["input_ids"])
         out["input_ids"][row, :n] = torch.tensor(ex["input_ids"])
         out["labels"][row, :n] = torch.tensor(ex["labels"])
         out["attention_mask"][row, :n] = 1
-    out["target_positions"] = (out["labels"][:, 1:] != -100).reshape(-1).nonzero().squeeze(1)
+    if "position_ids" in batch[0]:
+        out["position_ids"] = torch.tensor([ex["position_ids"] + list(range(width - len(ex["position_ids"])))
+                                            for ex in batch], dtype=torch.long)
+    out["target_positions"] = (out["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().squeeze(1)
     return out

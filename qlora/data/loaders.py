@@ -1,7 +1,7 @@
 """Training data: rows -> rendered text with trained character spans -> tokens and labels -> batches.
 
     sources (where rows come from) -> formats (row -> text + trained spans) -> tokenize (tokens,
-    labels, stats, packing) -> batching (the resumable sampler, padding) -> loaders (here)
+    labels, stats) -> batching (packing, the resumable sampler, padding) -> loaders (here)
 
 
 Here: the train / held-out split (deterministic, by `data.seed`), and the two DataLoaders.
@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from qlora.config import DataConfig
-from qlora.data.batching import ResumableBatchSampler, collate
+from qlora.data.batching import ResumableBatchSampler, collate, pack
 from qlora.data.formats import detect_format
 from qlora.data.sources import load_records
-from qlora.data.tokenize import DataStats, pack, tokenize_rows
+from qlora.data.tokenize import DataStats, tokenize_rows
 from qlora.errors import UsageError
 
 log = logging.getLogger(__name__)

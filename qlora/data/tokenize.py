@@ -10,9 +10,9 @@ Bad rows (missing column, empty or non-string text, text that is not valid Unico
 token left after truncation) are *skipped and counted* by reason in `DataStats`, with the first
 row index of each reason. Rows longer than `max_length` are truncated and counted.
 
-Packing concatenates examples (each ending in EOS) into one stream cut into `max_length` blocks:
-no padding, but documents in a block attend to each other (positions are not reset), and rows are
-not truncated first.
+Packing (`qlora.data.batching.pack`) concatenates examples (each ending in EOS) into one stream cut
+into `max_length` blocks: no padding, no truncation, and no attention across documents (positions
+restart at each document).
 """
 
 from __future__ import annotations
@@ -113,9 +113,3 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer, fmt: str, cfg: Data
             examples.append({"input_ids": ids, "labels": labels})
     return examples
 
-
-def pack(examples: Sequence[Example], block: int) -> list[Example]:
-    """Concatenate examples and cut the stream into `block`-token pieces (the last may be shorter)."""
-    ids = [t for ex in examples for t in ex["input_ids"]]
-    labels = [t for ex in examples for t in ex["labels"]]
-    return [{"input_ids": ids[i: i + block], "labels": labels[i: i + block]} for i in range(0, len(ids), block)]

@@ -13,6 +13,13 @@ accumulation and data parallelism can normalise by the true token count of the w
 step (a mean per micro-batch would over-weight short batches). Given `target_positions` (computed
 on the CPU by `qlora.data.batching.collate`) it gathers the target rows with `index_select` and
 never waits for the device; without it a boolean mask does the same with one device sync.
+
+Packed rows (`position_ids` given, from `qlora.data.batching.pack`): the backbone gets the
+position ids and no 2-D attention mask, which is how transformers recognises packed documents;
+SDPA and eager attention then get a block-diagonal causal mask (b x 1 x T x T booleans, or the
+compute dtype for eager) built once per forward. Flash attention gets varlen kwargs instead
+(`packed_attention_kwargs`: cumulative document lengths over the flattened batch), so it neither
+materialises a mask nor re-derives the documents in every layer.
 """
 
 from __future__ import annotations
@@ -25,23 +32,53 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
+FLASH_PREFIX = "flash"  # flash_attention_2 / _3 and hub kernels named flash...
+
+
+def packed_attention_kwargs(position_ids: torch.Tensor, attn_implementation: str | None) -> dict:
+    """Extra backbone kwargs for packed rows: flash attention's varlen arguments, else none.
+
+    Documents start where the position is 0; over the flattened (1, b*T) stream their starts are
+    `cu_seq_lens` (int32, ending with b*T) and the longest is `max_length` (a host int: one sync).
+    """
+    if not (attn_implementation or "").startswith(FLASH_PREFIX):
+        return {}
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().squeeze(1).to(torch.int32)
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])])
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 class CausalLMLoss(nn.Module):
-    """Wraps a transformers causal LM: forward(input_ids, attention_mask, labels) -> (loss_sum, n_tokens)."""
+    """Wraps a transformers causal LM: forward(input_ids, attention_mask, labels) -> (loss_sum, n_tokens).
+
+    With `position_ids` (packed rows) `attention_mask` is not passed on: see the module docstring.
+    """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                target_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's last hidden states (b, T, H); packed rows when `position_ids` is given."""
         backbone = self.model.get_decoder()
+        if position_ids is None:
+            return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        packed = packed_attention_kwargs(position_ids, getattr(self.model.config, "_attn_implementation", None))
+        return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packed).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                target_positions: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         head = self.model.get_output_embeddings()
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         targets = labels[:, 1:].reshape(-1)  # token t predicts token t+1
         if target_positions is None:
             target_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one device sync
