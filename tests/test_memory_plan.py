@@ -418,6 +418,9 @@ def test_settings_from_recipe_maps_the_trainer_settings():
     regex = settings_from_recipe(load_recipe(recipe, [r"lora.targets=re:.*mlp\..*"]))
     assert regex.lora_targets == ("gate_proj", "up_proj", "down_proj")
     assert settings_from_recipe(load_recipe(recipe, ["train.loss_chunk_size=0"])).loss == "full"
+    packing = ["data.packing=true", "data.group_by_length=false"]
+    assert not s.packed and settings_from_recipe(load_recipe(recipe, packing)).packed
+    assert not settings_from_recipe(load_recipe(recipe, [*packing, "model.attn_implementation=flash_attention_2"])).packed
     with pytest.raises(UsageError, match="quant.enabled"):
         settings_from_recipe(load_recipe(recipe, ["quant.enabled=false"]))
     with pytest.raises(UsageError, match="lm_head"):
@@ -480,3 +483,32 @@ def test_cli_recipe_shapes_overrides_and_refusals(tmp_path, capsys):
 def test_cli_unknown_model_suggests_the_close_name(capsys):
     assert main(["memory", "llama3_8b"]) == 2
     assert "did you mean 'llama3-8b'" in capsys.readouterr().err
+
+
+def test_packed_rows_add_the_attention_mask_kept_by_checkpointed_layers():
+    """Packed rows (positions restarting per document, `qlora.data.batching.pack`) make transformers
+    build a b x 1 x s x s boolean mask for SDPA; checkpointed layers keep it for their recomputation.
+    Measured: the step's peak grows by the mask plus the per-row rotary tables (~10% here)."""
+    import torch
+
+    from qlora.memory.plan import attention_mask_bytes
+
+    batch, seq = 4, 512
+    settings = PlanSettings(seq_len=seq, micro_batch=batch, packed=True, grad_checkpointing=True, device="cpu")
+    peaks = []
+    for packed in (False, True):
+        model = _tiny_llama(attn_implementation="sdpa").to(torch.bfloat16)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.randint(0, TINY["vocab_size"], (batch, seq))
+        kwargs = {"position_ids": torch.tensor([list(range(200)) + list(range(seq - 200))] * batch)} if packed else {}
+        with _LiveTensorBytes() as live:
+            model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss.backward()
+        peaks.append(live.peak)
+    mask = attention_mask_bytes(settings)
+    assert mask == batch * seq * seq
+    assert mask <= peaks[1] - peaks[0] <= 1.2 * mask, (peaks, mask)
+    assert plan_memory(TINY, settings).breakdown["attention_mask"] == mask
+    unpacked = dataclasses.replace(settings, packed=False, micro_batch=1)
+    assert attention_mask_bytes(unpacked) == 0  # one unpadded row: SDPA's causal kernel, no mask
+    assert attention_mask_bytes(dataclasses.replace(settings, grad_checkpointing=False)) == 0

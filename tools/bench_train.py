@@ -148,8 +148,12 @@ class PeerLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                target_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+                target_positions: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # Packed rows: position ids and no 2-D mask, transformers' own packed-sequence input (as ours).
+        mask = attention_mask if position_ids is None else None
+        mean = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=labels,
+                          use_cache=False).loss
         count = (labels[:, 1:] != -100).sum()
         return mean * count, count
 

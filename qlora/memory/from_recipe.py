@@ -60,6 +60,7 @@ def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSetting
         compute_dtype=recipe.model.dtype, quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant,
         attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
+        packed=recipe.data.packing and not recipe.model.attn_implementation.startswith("flash"),
         loss="chunked" if chunk else "full", loss_chunk=chunk or 1024, device=device)
     return PlanSettings(**{**fields, **changes})
 

@@ -54,6 +54,13 @@ and the backward recomputes one chunk of n = min(chunk, N) tokens: the fp32 log-
 fp32 gradient and the fp32 gradient of the upcast are alive together, 12*n*V; the c-byte logits
 live only inside the recomputation, beside the fp32 upcast (6*n*V), so they never set the peak.
 
+Attention mask: transformers builds one b x 1 x s x s mask per forward, shared by all layers, for
+eager attention (in c bytes), and for SDPA (booleans) when rows are packed (`packed`: the
+block-diagonal mask of `qlora.data.batching.pack`) or right-padded (micro_batch > 1); a lone
+unpadded row runs SDPA's causal kernel with no mask, and flash attention's varlen path needs none.
+No layer saves it for backward (measured), but checkpointed layers keep it as an input for their
+recomputation, so with checkpointing it is alive at the peak: b*s^2 bytes (SDPA) or c*b*s^2 (eager).
+
 Dequantisation workspace: a 4-bit linear dequantises its weight to c bytes for each matmul; with the
 caching allocator the previous buffer is still held while the next is filled, so 2 x the largest
 linear weight.
@@ -113,6 +120,8 @@ class PlanSettings:
     double_quant: bool = True
     attention: str = "sdpa"
     """"sdpa" (flash/memory-efficient kernels, no T x T scores kept) or "eager"."""
+    packed: bool = False
+    """Rows packed with per-document positions (`data.packing`): SDPA then gets a block-diagonal mask."""
     loss: str = "chunked"
     """"chunked" (`qlora.nn.loss.CausalLMLoss`, the trainer's default) or "full" logits at once."""
     loss_chunk: int = 1024
@@ -301,6 +310,15 @@ def activation_bytes(model: ModelShape, s: PlanSettings, grad_checkpointing: boo
     return saved_activation_bytes(model, s, grad_checkpointing) + recomputed
 
 
+def attention_mask_bytes(s: PlanSettings) -> int:
+    """The b x 1 x s x s mask alive at the peak (module docstring): only checkpointed layers keep it."""
+    if not s.grad_checkpointing:
+        return 0
+    if s.attention == "eager":
+        return DTYPE_BYTES[s.compute_dtype] * s.micro_batch * s.seq_len ** 2
+    return s.micro_batch * s.seq_len ** 2 if s.packed or s.micro_batch > 1 else 0
+
+
 def activation_grad_bytes(model: ModelShape, s: PlanSettings) -> int:
     c = DTYPE_BYTES[s.compute_dtype]
     return c * s.tokens * (3 * model.intermediate_size + 2 * model.hidden_size)
@@ -345,6 +363,8 @@ def plan_memory(config: dict | ModelShape, settings: PlanSettings | None = None)
         **({"adalora_scores": (2 * 4 * lora_params, "AdaLoRA: 2 fp32 averages of |w * grad| per adapter weight")}
            if s.adalora else {}),
         "activations": (saved_activation_bytes(model, s, s.grad_checkpointing), f"{ckpt}, {s.attention} attention"),
+        "attention_mask": (attention_mask_bytes(s), f"b x s x s {'packed ' if s.packed else ''}{s.attention} mask "
+                           "kept for the checkpointed layers' recomputation"),
         "logits_and_loss": (logits, f"{s.compute_dtype} logits + fp32 log-softmax + fp32 grads"
                             + ("" if s.loss == "full" else f", {s.loss_chunk}-token chunks")),
         "layer_backward": (max(0, layer_working - logits),
