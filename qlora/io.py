@@ -3,7 +3,9 @@
 A file goes to a temporary file in the destination folder, which is then renamed over the target
 (atomic on POSIX within one file system). The temporary file gets the permissions a plain `open`
 would have given (0666 minus the umask), not mkstemp's private 0600. A folder is built under a
-temporary sibling name and renamed into place the same way (`atomic_folder`). Files and folders
+temporary sibling name and renamed into place the same way (`atomic_folder`), with a plain
+`mkdir`'s permissions (0777 minus the umask, so 0755 under the usual 022), not mkdtemp's 0700:
+adapters and model folders are meant to be shared. Files and folders
 are fsynced before the rename and the parent folder after it, so a power cut cannot publish a name
 whose bytes never reached the disk. A run killed mid-write leaves its temporary names behind
 (`.NAME.XXXX.tmp` files, `.NAME.tmp-XXXX` / `.NAME.old-XXXX` folders); `remove_leftovers` deletes
@@ -32,6 +34,12 @@ def _umask() -> int:
     return mask
 
 
+def plain_permissions(path: str | os.PathLike) -> None:
+    """Give a file written by a library the permissions a plain `open` would have (0666 minus the
+    umask): safetensors' `save_file` creates its files 0600, unreadable by anyone else."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
@@ -43,7 +51,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        plain_permissions(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException:
@@ -72,6 +80,7 @@ def atomic_folder(final: str | Path, *, replace: bool = False) -> Iterator[Path]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         _fsync_tree(tmp)
         if replace and final.exists():

@@ -30,11 +30,13 @@ def run(tmp_path_factory):
          "optim.warmup_steps=0", "--samples", "1"],
         capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    return out, result, home
 
 
-def test_main_job_trains_the_embedded_model(run):
-    out, result = run
+def test_main_job_trains_the_embedded_model(run, monkeypatch):
+    from qlora.hf.embedded import builtin_folder
+
+    out, result, home = run
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["eval_before"]["eval_loss"], summary["eval_after"]["eval_loss"]
     assert before == pytest.approx(PINNED_BASE_EVAL_LOSS, rel=1e-3)
@@ -43,4 +45,6 @@ def test_main_job_trains_the_embedded_model(run):
     sample = summary["samples"][0]
     assert sample["prompt"] and sample["before"] and sample["after"]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 16 and config["base_model_name_or_path"] == "smollm2-135m"
+    # the built-in name is written as its built folder, so peft.AutoPeftModelForCausalLM finds it
+    monkeypatch.setenv("QLORA_HOME", str(home))  # the run built it there: found, not rebuilt
+    assert config["r"] == 16 and config["base_model_name_or_path"] == str(Path(builtin_folder("smollm2-135m")).resolve())

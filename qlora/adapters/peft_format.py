@@ -29,6 +29,7 @@ from qlora.adapters.adalora import lora_equivalent, prune, rank_pattern
 from qlora.adapters.spec import CONFIG_FILE, PEFT_PREFIX, LoraSpec, read_peft_config, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
 from qlora.errors import UsageError
+from qlora.hf.folder import shareable_name
 from qlora.io import atomic_folder, write_bytes_atomic, write_json_atomic
 from qlora.nn.adapter import adapter_layers
 
@@ -63,9 +64,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
                  prune_ranks: bool = True) -> Path:
     """Write the model's adapter weights and ``spec`` as a PEFT adapter folder (replaced atomically).
 
-    ``target_modules`` is derived from the modules actually adapted. AdaLoRA: with ``prune_ranks``
-    only the kept triplets are written, named by ``rank_pattern``; without (checkpoints) the
-    whole tensors, masked triplets zero in E.
+    ``target_modules`` is derived from the modules actually adapted; ``base_model_name_or_path``
+    is written as `qlora.hf.folder.shareable_name` gives it (absolute folder, or the hub id).
+    AdaLoRA: with ``prune_ranks`` only the kept triplets are written, named by ``rank_pattern``;
+    without (checkpoints) the whole tensors, masked triplets zero in E.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -73,7 +75,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     wrong = [fqn for fqn, m in layers.items() if getattr(m, "r", spec.r) != spec.r]
     if wrong:
         raise UsageError(f"save_adapter: r={spec.r}, but modules {wrong[:3]} have r={layers[wrong[0]].r}")
-    config = spec.peft_config(_target_modules(model, list(layers)), base_model_name_or_path)
+    config = spec.peft_config(_target_modules(model, list(layers)), shareable_name(base_model_name_or_path))
     tensors = adapter_state_dict(model)
     if spec.adalora is not None and prune_ranks:
         config["rank_pattern"] = rank_pattern(model)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qlora.errors import UsageError
+from qlora.io import plain_permissions
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -69,8 +70,6 @@ def save_state_dict(folder: str | Path, tensors: dict[str, torch.Tensor], max_sh
     Shards are cut at tensor boundaries once they would exceed ``max_shard_bytes`` (as transformers
     does).
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -87,16 +86,23 @@ def save_state_dict(folder: str | Path, tensors: dict[str, torch.Tensor], max_sh
         shards[-1][name] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], folder / SAFE_WEIGHTS, metadata={"format": "pt"})
+        _save_file(shards[0], folder / SAFE_WEIGHTS)
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / fname, metadata={"format": "pt"})
+        _save_file(shard, folder / fname)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    plain_permissions(path)  # save_file makes it 0600
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

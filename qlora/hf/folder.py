@@ -33,6 +33,17 @@ def model_folder(name_or_path: str | Path) -> Path:
     )
 
 
+def shareable_name(name_or_path: str | Path) -> str:
+    """How another program finds this model: an existing folder as an absolute path, a built-in
+    name as its built folder, anything else (a hub id) unchanged.
+
+    Written as an adapter's `base_model_name_or_path`, so `peft.AutoPeftModelForCausalLM` loads
+    the adapter from any working directory (it knows neither our built-in names nor our cwd).
+    """
+    folder = Path(builtin_folder(name_or_path)).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else str(name_or_path)
+
+
 def load_config(folder: Path, trust_remote_code: bool = False):
     """The model's transformers config, with a clear error for a missing or unreadable config.json."""
     from transformers import AutoConfig
