@@ -98,9 +98,25 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     """Fold every adapter into its base and dequantise every 4-bit layer, in place: a plain model."""
     from qlora.nn import Linear4bit, LoRALinear
     from qlora.nn.swap import swap_modules
+    from qlora.progress import byte_bar
 
-    swap_modules(model, lambda m, _: isinstance(m, LoRALinear), lambda m: m.merged_linear(dtype))
-    swap_modules(model, lambda m, _: isinstance(m, Linear4bit), lambda m: m.to_linear(dtype))
+    def weight_bytes(m: nn.Module) -> int:  # of the plain weight a merged / dequantised layer gets
+        return m.out_features * m.in_features * dtype.itemsize
+
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    inner = {id(m.base) for m in lora}
+    quantised = [m for m in model.modules() if isinstance(m, Linear4bit) and id(m) not in inner]
+    with byte_bar(sum(map(weight_bytes, lora + quantised)), "merge") as bar:
+        def fold(m: LoRALinear) -> nn.Module:
+            bar.update(weight_bytes(m))
+            return m.merged_linear(dtype)
+
+        def dequantise(m: Linear4bit) -> nn.Module:
+            bar.update(weight_bytes(m))
+            return m.to_linear(dtype)
+
+        swap_modules(model, lambda m, _: isinstance(m, LoRALinear), fold)
+        swap_modules(model, lambda m, _: isinstance(m, Linear4bit), dequantise)
     return model
 
 

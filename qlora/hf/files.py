@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from qlora.errors import UsageError
 from qlora.io import plain_permissions
+from qlora.progress import byte_bar
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -64,6 +66,21 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
 
 
+def tensor_nbytes(files: Iterable[Path]) -> dict[str, int]:
+    """Bytes of every tensor in the safetensors ``files``, from their headers (the format: an 8-byte
+    little-endian header length, then a JSON header giving each tensor's ``data_offsets``)."""
+    sizes = {}
+    for path in set(files):
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                          if k != "__metadata__"})
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
+    return sizes
+
+
 def save_state_dict(folder: str | Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write ``tensors`` as ``model.safetensors``, or as shards plus ``model.safetensors.index.json``.
 
@@ -85,15 +102,16 @@ def save_state_dict(folder: str | Path, tensors: dict[str, torch.Tensor], max_sh
         storages.add(tensor.untyped_storage().data_ptr())
         shards[-1][name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        _save_file(shards[0], folder / SAFE_WEIGHTS)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, folder / fname)
-        weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
+    names = [SAFE_WEIGHTS] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(1, len(shards) + 1)]
+    with byte_bar(total, "write") as bar:
+        for fname, shard in zip(names, shards):
+            _save_file(shard, folder / fname)
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    if len(shards) == 1:
+        return
+    weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 

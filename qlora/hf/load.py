@@ -18,7 +18,8 @@ with an extra ``model.`` prefix), GPT-2's ``Conv1D`` (weight stored (in, out): c
 ``nn.Linear`` with the transposed weight, identical maths; the names are kept in
 ``model.qlora_conv1d`` so exports can transpose back), and pre-quantised folders (a bitsandbytes
 ``quantization_config`` with ``load_in_4bit``): their packed weights and states load as they are,
-without re-quantising. Only safetensors are read; pickle checkpoints are refused.
+without re-quantising. Only safetensors are read; pickle checkpoints are refused. A progress bar
+(`qlora.progress`, terminals only) counts the checkpoint bytes read.
 
 The 4-bit format is one ``QuantFormat`` value; module filters are ``(module, fqn) -> bool`` functions
 applied by one post-order swap (``qlora.nn.swap.swap_modules``), and ``skip_modules`` names modules by
@@ -35,10 +36,11 @@ import torch
 from torch import nn
 
 from qlora.errors import UsageError
-from qlora.hf.files import weight_files
+from qlora.hf.files import tensor_nbytes, weight_files
 from qlora.hf.folder import bnb_4bit_config, load_config, model_folder, tied_output_name
 from qlora.nn import Linear4bit
 from qlora.nn.swap import name_matches, swap_modules
+from qlora.progress import byte_bar
 from qlora.quant import QuantState
 from qlora.quant.format import QuantFormat
 
@@ -90,10 +92,10 @@ def _conv1d_to_linear(model: nn.Module) -> None:
 class _Checkpoint:
     """Random access to checkpoint tensors by key across mmapped safetensors files."""
 
-    def __init__(self, files: dict[str, Path], stack: ExitStack) -> None:
+    def __init__(self, files: dict[str, Path], stack: ExitStack, on_read: Callable[[int], object] = lambda n: None) -> None:
         from safetensors import safe_open
 
-        self.files = files
+        self.files, self.on_read = files, on_read
         self._handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -101,9 +103,11 @@ class _Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            return self._handles[self.files[key]].get_tensor(key)
+            tensor = self._handles[self.files[key]].get_tensor(key)
         except Exception as err:
             raise UsageError(f"{self.files[key]}: cannot read tensor {key!r} ({err})") from err
+        self.on_read(tensor.numel() * tensor.element_size())  # the bytes it has on disk
+        return tensor
 
 
 def _checkpoint_names(model: nn.Module, expected: Sequence[str], keys: set[str]) -> dict[str, str]:
@@ -277,8 +281,12 @@ def load_model(
             return init_linear(model, fqn, weight, bias)
         return Linear4bit.quantize(weight, quant, bias)
 
+    quant_parts = tuple(names[f"{f}.weight"] + "." for f in prequantised)  # read beside their weight
+    reads = set(names.values()) | {k for k in files if k.startswith(quant_parts)}
+    nbytes = tensor_nbytes(files.values())
     with ExitStack() as stack:
-        ckpt = _Checkpoint(files, stack)
+        bar = stack.enter_context(byte_bar(sum(nbytes[k] for k in reads), f"load {folder.name}"))
+        ckpt = _Checkpoint(files, stack, bar.update)
         _stream(model, ckpt, names, quantise, prequantised, make_4bit, compute_dtype, device)
     if tied_head is not None:
         model.tie_weights()
