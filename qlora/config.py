@@ -195,8 +195,8 @@ class DataConfig(Section):
     train_on_prompt: bool = False
     """Also train on prompt / user tokens. Off: only responses (assistant turns) carry labels."""
     packing: bool = False
-    """Concatenate examples and cut them into max_length blocks (no padding waste; documents in a
-    block may attend to each other)."""
+    """Concatenate examples and cut them into max_length blocks (no padding waste). Documents in a
+    block do not attend to each other: positions restart per document (qlora.data.batching.pack)."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding); batch order stays random."""
     eval_fraction: float = 0.05

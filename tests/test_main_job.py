@@ -47,4 +47,5 @@ def test_main_job_trains_the_embedded_model(run, monkeypatch):
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     # the built-in name is written as its built folder, so peft.AutoPeftModelForCausalLM finds it
     monkeypatch.setenv("QLORA_HOME", str(home))  # the run built it there: found, not rebuilt
-    assert config["r"] == 16 and config["base_model_name_or_path"] == str(Path(builtin_folder("smollm2-135m")).resolve())
+    built = str(Path(builtin_folder("smollm2-135m")).resolve())
+    assert config["r"] == 16 and config["base_model_name_or_path"] == built

@@ -420,7 +420,8 @@ def test_settings_from_recipe_maps_the_trainer_settings():
     assert settings_from_recipe(load_recipe(recipe, ["train.loss_chunk_size=0"])).loss == "full"
     packing = ["data.packing=true", "data.group_by_length=false"]
     assert not s.packed and settings_from_recipe(load_recipe(recipe, packing)).packed
-    assert not settings_from_recipe(load_recipe(recipe, [*packing, "model.attn_implementation=flash_attention_2"])).packed
+    flash = [*packing, "model.attn_implementation=flash_attention_2"]
+    assert not settings_from_recipe(load_recipe(recipe, flash)).packed  # varlen kernels need no mask
     with pytest.raises(UsageError, match="quant.enabled"):
         settings_from_recipe(load_recipe(recipe, ["quant.enabled=false"]))
     with pytest.raises(UsageError, match="lm_head"):

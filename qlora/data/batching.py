@@ -97,7 +97,7 @@ def pack(examples: Sequence[Example], block: int) -> list[Example]:
     Rows carry `position_ids`: 0, 1, ... within each document, restarting at every document start
     and at the row start, so a document cut by a row end continues in the next row as a document
     of its own (its tail trains without its head; nothing is padded or truncated). The first label
-    of each document and of each row is -100, so no document is trained to predict the next one's first token.
+    of each document and of each row is -100: no document learns to predict the next one's start.
     """
     ids, labels, positions = [], [], []
     for ex in examples:

@@ -92,7 +92,8 @@ def _conv1d_to_linear(model: nn.Module) -> None:
 class _Checkpoint:
     """Random access to checkpoint tensors by key across mmapped safetensors files."""
 
-    def __init__(self, files: dict[str, Path], stack: ExitStack, on_read: Callable[[int], object] = lambda n: None) -> None:
+    def __init__(self, files: dict[str, Path], stack: ExitStack,
+                 on_read: Callable[[int], object] = lambda nbytes: None) -> None:
         from safetensors import safe_open
 
         self.files, self.on_read = files, on_read
