@@ -111,3 +111,42 @@ def test_flash_attention_gets_varlen_kwargs_over_the_flattened_batch():
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10] and kwargs["cu_seq_lens_q"].dtype == torch.int32
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 4
     assert packed_attention_kwargs(position_ids, "sdpa") == {}  # SDPA / eager: transformers builds the mask
+
+
+def _varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A flash-attention stand-in: causal attention within each [cu[i], cu[i+1]) of the flattened
+    (b*T) tokens, as `flash_attn_varlen_func` computes; it fails if the varlen kwargs do not arrive."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    cu = kwargs["cu_seq_lens_q"].tolist()
+    assert attention_mask is None and kwargs["max_length_q"] == max(b - a for a, b in zip(cu, cu[1:]))
+    b, heads, T, d = query.shape
+    key, value = (repeat_kv(t, heads // t.shape[1]) for t in (key, value))
+    q, k, v = (t.transpose(1, 2).reshape(b * T, heads, d).transpose(0, 1) for t in (query, key, value))
+    out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scaling)
+                     for s, e in zip(cu, cu[1:])], dim=1)
+    return out.transpose(0, 1).reshape(b, T, heads, d), None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_varlen_kwargs_reach_every_layer_and_match_documents_alone(family, monkeypatch):
+    """The GPU path's CPU twin: a registered attention that takes the varlen kwargs (as flash
+    attention does; transformers reserves "flash..." names for real kernels, hence the prefix
+    patched here) gets them in every layer, no mask, and the losses equal the documents alone."""
+    from transformers import AttentionInterface
+
+    import qlora.nn.loss
+
+    monkeypatch.setattr(qlora.nn.loss, "FLASH_PREFIX", "varlen_")
+    AttentionInterface.register("varlen_reference", _varlen_reference)
+    packed_fn = CausalLMLoss(_model(family, "varlen_reference"))
+    alone_fn = CausalLMLoss(_model(family, "sdpa"))
+    rows = pack(_documents(), 16)
+    batch = collate(rows, pad_id=0)
+    with torch.no_grad():
+        packed = _token_losses(packed_fn, batch)
+        for r, row in enumerate(rows):
+            for start, end in _pieces(row):
+                alone = collate([{k: row[k][start:end] for k in ("input_ids", "labels")}], pad_id=0)
+                torch.testing.assert_close(packed[r, start: end - 1], _token_losses(alone_fn, alone)[0],
+                                           atol=1e-4, rtol=0, equal_nan=True)
