@@ -232,3 +232,23 @@ def test_bad_adalora_settings_exit_2(tmp_path, override, key):
                           "lora.use_adalora=true", *override], capture_output=True, text=True)
     assert out.returncode == 2 and key in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_weights_put_back_after_later_masking_save_their_own_pattern(base, tmp_path):
+    """keep_best's path: an earlier adapter (saved whole) loaded back after the mask moved on is
+    saved with the triplets its own E holds, so the final adapter computes the earlier model."""
+    from qlora.adapters.peft_format import load_adapter_weights
+
+    model, spec = _masked_model(base, None, torch.float32)
+    save_adapter(model, tmp_path / "best", spec, str(base), prune_ranks=False)
+    with torch.no_grad():
+        earlier = model(tokens()).logits
+    for layer in model.modules():
+        if isinstance(layer, AdaLoRALinear):
+            layer.apply_rank_mask(torch.zeros(layer.r, dtype=torch.bool))  # later: everything masked
+    load_adapter_weights(model, read_adapter_weights(tmp_path / "best", as_lora=False), tmp_path / "best")
+    save_adapter(model, tmp_path / "final", spec, str(base))
+    reread = load_model(base, quant=None, dtype=torch.float32)
+    load_adapter(reread, tmp_path / "final", dtype="fp32")
+    with torch.no_grad():
+        torch.testing.assert_close(reread(tokens()).logits, earlier, rtol=1e-5, atol=1e-5)

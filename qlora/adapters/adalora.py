@@ -22,8 +22,8 @@ B of ||A A^T - I||_F, ||B^T B - I||_F (`penalty`). This is PEFT's RankAllocator 
 so a run matches PEFT's masks (tested); the smoothed scores are training state and go into
 checkpoints (`state_dict`), so a resumed run masks exactly as an uninterrupted one.
 
-On disk: the final adapter keeps only the masked-in triplets and names them in PEFT's
-`rank_pattern` ({"<fqn>.lora_E": [bool] * r}), which PEFT reads. Checkpoints keep the whole
+On disk: the final adapter keeps only the triplets with a non-zero E_i (the masked-in ones) and
+names them in PEFT's `rank_pattern` ({"<fqn>.lora_E": [bool] * r}), which PEFT reads. Checkpoints keep the whole
 tensors (the masked-out rows of A and B still train and matter for an exact resume).
 
 Reading (`lora_equivalent`): an AdaLoRA adapter is the LoRA adapter A' = A * E, B' = B with the
@@ -151,8 +151,14 @@ class RankAllocator:
 
 
 def rank_pattern(model: nn.Module) -> dict[str, list[bool]]:
-    """PEFT's `rank_pattern` of the model's AdaLoRA layers: `<fqn>.lora_E` -> kept triplets."""
-    return {f"{fqn}.lora_E": layer.rank_mask.tolist() for fqn, layer in adalora_layers(model).items()}
+    """PEFT's `rank_pattern` of the model's AdaLoRA layers: `<fqn>.lora_E` -> kept triplets.
+
+    A triplet is kept when its singular value is non-zero: the allocator's mask zeroes exactly the
+    masked ones, and dropping a zero E_i never changes the update, so the pattern is right for any
+    weights the model holds (also a best evaluation's, put back after later masking).
+    """
+    return {f"{fqn}.lora_E": (layer.lora_E.detach().view(-1) != 0).tolist()
+            for fqn, layer in adalora_layers(model).items()}
 
 
 def prune(tensors: dict[str, torch.Tensor], pattern: dict[str, list[bool]]) -> dict[str, torch.Tensor]:

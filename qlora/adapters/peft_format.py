@@ -97,9 +97,10 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
     return out_dir
 
 
-def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(adapter_dir: str | Path, as_lora: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's tensors (safetensors only), with PEFT's old ``.default`` key infix removed;
-    an AdaLoRA adapter as its LoRA equivalent (qlora.adapters.adalora.lora_equivalent)."""
+    an AdaLoRA adapter as its LoRA equivalent (qlora.adapters.adalora.lora_equivalent) unless
+    ``as_lora`` is False (to load it back into AdaLoRA layers)."""
     from safetensors.torch import load_file
 
     path = Path(adapter_dir) / WEIGHTS_FILE
@@ -111,7 +112,7 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
     config = read_peft_config(adapter_dir)
-    return lora_equivalent(tensors, config) if config.get("peft_type") == "ADALORA" else tensors
+    return lora_equivalent(tensors, config) if as_lora and config.get("peft_type") == "ADALORA" else tensors
 
 
 def lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

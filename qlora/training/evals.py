@@ -112,7 +112,7 @@ class Evaluator:
     def _save_best(self, record: dict) -> None:
         """best/ = this adapter + best.json, replaced as one folder."""
         with atomic_folder(self.best_dir, replace=True) as tmp:
-            save_adapter(self.model, tmp, self.spec, self.base_name)
+            save_adapter(self.model, tmp, self.spec, self.base_name, prune_ranks=False)  # reloadable as is
             write_json_atomic(tmp / BEST_RECORD, self.best.best_record)
 
     def restore_best(self) -> dict | None:
@@ -131,7 +131,7 @@ class Evaluator:
             log.warning("keep_best: %s holds step %s, not the best step %s; keeping the last step's adapter",
                         self.best_dir, saved.get("step"), self.best.best_step)
             return final_record
-        load_adapter_weights(self.model, read_adapter_weights(self.best_dir), self.best_dir)
+        load_adapter_weights(self.model, read_adapter_weights(self.best_dir, as_lora=False), self.best_dir)
         self.say(f"keep_best: the adapter is step {self.best.best_step}'s "
                  f"(eval loss {self.best.best_loss:.4f}; the last step's was "
                  f"{final_record['eval_loss'] if final_record else float('nan'):.4f})")
