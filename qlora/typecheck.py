@@ -1,7 +1,7 @@
 """Checking values against dataclass annotations, for recipe sections.
 
 `Section` is the base of every recipe section: its `_check_types` compares each field with its
-annotation (int, float, bool, str, Literal choices, list[...], tuple[...], Optional / Union),
+annotation (int, float, bool, str, Literal choices, list[...], tuple[...], dict[...], Optional / Union),
 converts where the conversion is lossless (ints for floats, lists for tuples, numeric strings for
 floats because YAML 1.1 reads `1e-4` as a string), and otherwise raises a `UsageError` naming
 `section.field`, the value, the expected type and, for near-miss strings, the closest choice.
@@ -24,7 +24,7 @@ def type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
     if origin is Union:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
+    if origin in (list, tuple, dict):
         return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
     return "null" if tp is type(None) else tp.__name__
 
@@ -46,6 +46,12 @@ def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
             return False, value
         pairs = [coerce(v, item) for v in value]
         return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return False, value
+        pairs = [(coerce(k, key_type), coerce(v, value_type)) for k, v in value.items()]
+        return all(k[0] and v[0] for k, v in pairs), {k[1]: v[1] for k, v in pairs}
     if origin is tuple:
         items = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):

@@ -1,4 +1,5 @@
-"""Data pipeline: formats, exact label masking, truncation, bad rows, files, chatterbot, split, sampler."""
+"""Data pipeline: formats, exact label masking, truncation, bad rows, files, chatterbot, split, sampler.
+(tests/test_data_sources.py: the other formats, sources, column mapping, mixtures, chat templates.)"""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from helpers_tokenizer import make_tokenizer
-from qlora.config import DataConfig
+from qlora.config import DataConfig, DatasetSpec
 from qlora.data import (
     DataStats,
     chatterbot_rows,
     detect_format,
-    load_records,
+    load_source,
     make_dataloaders,
     pack,
     split_rows,
@@ -33,6 +34,10 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()
+
+
+def load_records(path: str) -> list[dict]:
+    return load_source(DatasetSpec(path=path)).to_list()
 
 
 def encode(rows, tok, fmt, **cfg):
@@ -71,11 +76,10 @@ def test_chat_masks_everything_but_assistant_turns(tok):
     assert stats.truncated == 0 and not stats.skipped
 
 
-def test_chat_roles_outside_the_templates_are_skipped_and_named(tok):
+def test_chat_roles_outside_the_templates_are_errors_naming_the_row(tok):
     typo = {"messages": [{"role": "sytem", "content": "Be brief"}, *CHAT["messages"][1:]]}
-    examples, stats = encode([typo, CHAT], tok, "chat")
-    assert len(examples) == 1
-    assert "'sytem'" in str(stats.skipped) and "system, user, assistant" in str(stats.skipped)
+    with pytest.raises(UsageError, match=r"row 2: 'messages' turn 0: role 'sytem' is not one of system, user"):
+        encode([CHAT, typo], tok, "chat")
 
 
 def test_chat_train_on_prompt_labels_every_token(tok):
@@ -119,49 +123,60 @@ def test_truncation_is_counted_and_prompt_only_rows_are_skipped(tok):
     examples, stats = encode([long, short, fits], tok, "alpaca", max_length=limit)
     assert stats.truncated == 2
     assert dict(stats.skipped) == {"no response token within max_length": 1} and stats.first_skipped == {
-        "no response token within max_length": 0}
+        "no response token within max_length": 1}  # rows count from 1
     assert [len(ex["input_ids"]) for ex in examples] == [limit, limit - 4]
 
 
-def test_bad_rows_are_counted_skips_with_first_row(tok):
+def test_missing_and_empty_values_are_counted_skips_with_first_row(tok):
     rows = [{"instruction": "hi", "output": "fine"},  # good
             {"instruction": "hi"},  # missing output
             {"instruction": "hi", "output": "   "},
-            {"instruction": "hi", "output": 3},
-            {"instruction": "hi", "output": "bad \ud800 surrogate"},
             {"instruction": None, "output": "fine"},
             {"instruction": "hi", "output": ""}]
     examples, stats = encode(rows, tok, "alpaca")
     assert len(examples) == 1
-    assert dict(stats.skipped) == {"missing 'output'": 1, "empty 'output'": 2, "'output' is not a string": 1,
-                                   "bad encoding in 'output'": 1, "missing 'instruction'": 1}
-    assert stats.first_skipped["empty 'output'"] == 2
-    chats = [{"messages": "hello"}, {"messages": [{"role": "user", "content": "hi"}]},
-             {"messages": ["hi", "fine"]}, {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}]
+    assert dict(stats.skipped) == {"missing 'output'": 1, "empty 'output'": 2, "missing 'instruction'": 1}
+    assert stats.first_skipped["empty 'output'"] == 3  # rows count from 1
+    chats = [{"messages": []}, {"messages": [{"role": "user", "content": "hi"}]},
+             {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}]
     examples, stats = encode(chats, tok, "chat")
     assert not examples and dict(stats.skipped) == {
-        "'messages' is not a list of turns": 1, "'messages' has no assistant turn": 1,
-        "'messages' turn is not a {role, content} mapping": 1, "missing 'content'": 1}
+        "empty 'messages'": 1, "'messages' has no assistant turn": 1, "missing 'messages[0].content'": 1}
+
+
+@pytest.mark.parametrize("fmt, row, message", [
+    ("alpaca", {"instruction": "hi", "output": 3}, "'output' is int 3, expected text"),
+    ("alpaca", {"instruction": "hi", "output": "bad \ud800"}, "'output' is not valid Unicode (a lone surrogate)"),
+    ("chat", {"messages": "hello"}, "'messages' is str 'hello', expected a list of turns"),
+    ("chat", {"messages": ["hi", "fine"]}, "'messages' turn 0 is str 'hi', expected a {role, content} mapping"),
+])
+def test_wrong_types_are_errors_naming_the_row(tok, fmt, row, message):
+    good = {"instruction": "hi", "output": "fine"} if fmt == "alpaca" else CHAT
+    with pytest.raises(UsageError) as err:
+        encode([good, row], tok, fmt)
+    assert str(err.value) == f"row 2: {message}"
 
 
 def test_all_rows_bad_is_a_usage_error_naming_row_and_reason(tok):
     rows = [{"instruction": "hi", "output": "fine"}] * 2 + [{"instruction": "hi", "output": ""}] * 8
-    cfg = DataConfig(format="alpaca", eval_size=2, seed=1)
-    with pytest.raises(UsageError, match=r"no usable training rows .*row \d+: empty 'output'"):
+    cfg = DataConfig(format="alpaca", eval_size=1, seed=1)  # held out from the usable rows
+    with pytest.raises(UsageError, match=r"no usable rows \(e.g. the given rows: empty 'output', row 1\)"):
         make_dataloaders(tok, cfg, 2, 0, records=[r for r in rows if r["output"] == ""])
     train, _, stats = make_dataloaders(tok, cfg, 2, 0, records=rows)
     assert sum(stats.skipped.values()) == 8 and stats.rows == 10
 
 
 def test_format_detection(tok):
-    assert detect_format([CHAT], "auto") == "chat"
-    assert detect_format([{"instruction": "a", "input": "", "output": "b"}], "auto") == "alpaca"
-    assert detect_format([{"input": "a", "output": "b"}], "auto") == "input-output"
-    assert detect_format([{"text": "a", "id": 1}], "auto") == "text"
+    assert detect_format(["messages"], "auto") == "chat"
+    assert detect_format(["conversations", "id"], "auto") == "sharegpt"
+    assert detect_format(["instruction", "input", "output"], "auto") == "alpaca"
+    assert detect_format(["prompt", "completion"], "auto") == "prompt-completion"
+    assert detect_format(["input", "output"], "auto") == "input-output"
+    assert detect_format(["text", "id"], "auto") == "text"
     with pytest.raises(UsageError, match=r"columns \['prompt', 'response'\].*alpaca: instruction, output"):
-        detect_format([{"prompt": "a", "response": "b"}], "auto")
+        detect_format(["prompt", "response"], "auto")
     with pytest.raises(UsageError, match=r"data.format 'alpaca'.*\['text'\]"):
-        detect_format([{"text": "a"}], "alpaca")
+        detect_format(["text"], "alpaca")
     with pytest.raises(UsageError, match="chat template"):
         tokenize_rows([CHAT], make_tokenizer(chat_template=None), "chat", DataConfig(), DataStats())
 
@@ -209,15 +224,19 @@ def test_file_errors(tmp_path: Path):
         load_records(str(bad))
     with pytest.raises(UsageError, match="hub is offline"):
         load_records("someone/some-dataset")
+    with pytest.raises(UsageError, match=r"data file .*rows.jsonl' line 2: column 'output' is a number, but "
+                                         r"text in line 1"):
+        (tmp_path / "rows.jsonl").write_text('{"output": "a"}\n{"output": 3}\n')
+        load_records(str(tmp_path / "rows.jsonl"))
 
 
 def test_chatterbot_rows_are_deterministic_chats():
     rows = chatterbot_rows()
     assert rows == chatterbot_rows()
     # chatterbot-corpus 1.3.3 English: 2,026 conversations, one of them malformed (a bare string in
-    # trivia.yml); counted by reading the YAML files directly
+    # trivia.yml, kept as an empty conversation); counted by reading the YAML files directly
     assert len(rows) == 2026
-    good = [r["messages"] for r in rows if isinstance(r["messages"], list)]
+    good = [r["messages"] for r in rows if r["messages"]]
     assert len(good) == 2025
     for messages in good:
         assert len(messages) % 2 == 0  # a trailing unanswered user turn is dropped
@@ -227,8 +246,8 @@ def test_chatterbot_rows_are_deterministic_chats():
 
 def test_chatterbot_loaders_skip_the_malformed_conversation(tok):
     train, evals, stats = make_dataloaders(tok, DataConfig(max_length=512, eval_size=25), 8, 0)
-    assert dict(stats.skipped) == {"'messages' is not a list of turns": 1}
-    assert stats.train_examples + stats.eval_examples == 2025 and stats.eval_examples in (24, 25)
+    assert dict(stats.skipped) == {"chatterbot: empty 'messages'": 1}
+    assert stats.train_examples + stats.eval_examples == 2025 and stats.eval_examples == 25
     batch = next(iter(train))
     assert batch["input_ids"].shape[0] == 8
 
@@ -318,8 +337,6 @@ def test_packing(tok):
     ("d.jsonl", b"  \n", ["is empty"]),
 ])
 def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, words):
-    from qlora.data import load_records
-
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(UsageError) as err:
@@ -328,8 +345,6 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, words):
 
 
 def test_a_folder_is_not_a_data_file(tmp_path):
-    from qlora.data import load_records
-
     (tmp_path / "rows.jsonl").mkdir()
-    with pytest.raises(UsageError, match="is a folder"):
+    with pytest.raises(UsageError, match=r"rows.jsonl'.*no data files|rows.jsonl'.*is a folder"):
         load_records(str(tmp_path / "rows.jsonl"))

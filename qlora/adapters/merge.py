@@ -126,12 +126,14 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
 
     ``base`` defaults to the base saved in the adapter's run (`lora.init` changed it), else the
     adapter's ``base_model_name_or_path``. An unquantised base is loaded in
-    ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised.
+    ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised. Tokenizer files
+    saved with the adapter (a recipe's own chat template) replace the base's.
     """
     from qlora.adapters.peft_format import load_adapter
     from qlora.adapters.spec import read_peft_config
     from qlora.dtypes import hf_name, short_name
     from qlora.hf.export import write_model_folder
+    from qlora.hf.files import copy_tokenizer_files
     from qlora.hf.folder import model_folder
     from qlora.hf.load import load_model
     from qlora.io import atomic_folder, check_output
@@ -148,6 +150,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     recipe = find_recipe(adapter_dir)
     with atomic_folder(out_dir, replace=overwrite) as tmp:
         write_model_folder(model, tmp, model_folder(base), {"dtype": hf_name(dtype)})
+        if (adapter_dir / "tokenizer_config.json").is_file():  # saved with a recipe's own chat template
+            copy_tokenizer_files(adapter_dir, tmp)
         if recipe is not None:
             shutil.copy2(recipe, tmp / RECIPE)
     return out_dir

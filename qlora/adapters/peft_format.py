@@ -61,13 +61,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_model_name_or_path: str,
-                 prune_ranks: bool = True) -> Path:
+                 prune_ranks: bool = True, tokenizer=None) -> Path:
     """Write the model's adapter weights and ``spec`` as a PEFT adapter folder (replaced atomically).
 
     ``target_modules`` is derived from the modules actually adapted; ``base_model_name_or_path``
     is written as `qlora.hf.folder.shareable_name` gives it (absolute folder, or the hub id).
     AdaLoRA: with ``prune_ranks`` only the kept triplets are written, named by ``rank_pattern``;
-    without (checkpoints) the whole tensors, masked triplets zero in E.
+    without (checkpoints) the whole tensors, masked triplets zero in E. A ``tokenizer`` (given when
+    the recipe set its own chat template) is saved beside them, ``chat_template.jinja`` included.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -80,10 +81,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     if spec.adalora is not None and prune_ranks:
         config["rank_pattern"] = rank_pattern(model)
         tensors = prune(tensors, config["rank_pattern"])
-    return write_adapter(out_dir, tensors, config)
+    return write_adapter(out_dir, tensors, config, tokenizer)
 
 
-def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer=None) -> Path:
     """Write PEFT-keyed ``tensors`` and a PEFT ``config`` as an adapter folder (replaced atomically)."""
     from safetensors.torch import save
 
@@ -94,6 +95,8 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
         # Bytes first, then a Python write: a full disk raises OSError(ENOSPC), not a library error.
         write_bytes_atomic(tmp / WEIGHTS_FILE, save(dict(sorted(tensors.items())), metadata={"format": "pt"}))
         write_json_atomic(tmp / CONFIG_FILE, config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir
 
 

@@ -22,14 +22,17 @@ def run(args: argparse.Namespace) -> int:
     from qlora.recipe import load_recipe
     from qlora.errors import UsageError
     from qlora.io import write_json_atomic
+    from qlora.data.rows import load_rows
     from qlora.run_dir import RunDir
-    from qlora.training.loop import train
 
     if args.samples < 0:
         raise UsageError(f"--samples must be >= 0, got {args.samples}")
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     cfg = load_recipe(args.recipe, overrides)
-    summary = train(cfg, resume=args.resume, samples=args.samples)
+    rows = load_rows(cfg.data)  # every row checked before torch and the model load: bad data fails in ~1 s
+    from qlora.training.loop import train
+
+    summary = train(cfg, resume=args.resume, samples=args.samples, rows=rows)
     if "adapter" in summary:  # main process
         print_summary(summary)
         write_json_atomic(RunDir(summary["run_dir"]).summary, summary)

@@ -5,6 +5,10 @@ occurred while generating the dataset" (the row appears only in a log line, coun
 empty file or a folder with a misleading message. Reading the text once here costs little next to
 tokenising it and turns each of those into a `UsageError` a user can act on. Parquet is binary and
 left to pyarrow, whose messages name the problem.
+
+JSON rows are also checked for columns whose kind changes from row to row (text in one row, a
+number or a list in another): pyarrow cannot put both in one column and fails without naming the
+row. Integers and floats mix freely; null is allowed anywhere (a missing value).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def check_data_file(path: Path, builder: str) -> None:
     elif path.suffix.lower() == ".jsonl":
         _check_json_lines(path, text)
     elif _parses(text):  # a .json file is one document ...
-        return
+        _check_json_document(path, text)
     elif _parses(_first_line(text)):  # ... or JSON Lines
         _check_json_lines(path, text)
     else:
@@ -66,13 +70,36 @@ def _first_line(text: str) -> str:
 
 def _check_json_document(path: Path, text: str) -> None:
     try:
-        json.loads(text)
+        document = json.loads(text)
     except json.JSONDecodeError as err:
         raise UsageError(f"data file {str(path)!r} line {err.lineno}: not valid JSON ({err.msg}, "
                          f"column {err.colno})") from None
+    if isinstance(document, list):
+        kinds: dict[str, tuple[str, str]] = {}
+        for number, row in enumerate(document, start=1):
+            if not isinstance(row, dict):
+                raise UsageError(f"data file {str(path)!r} row {number}: a row must be a JSON object, "
+                                 f"got {type(row).__name__}")
+            _check_kinds(path, f"row {number}", row, kinds)
+
+
+KINDS = {str: "text", int: "a number", float: "a number", bool: "true/false", list: "a list", dict: "an object"}
+
+
+def _check_kinds(path: Path, where: str, row: dict, kinds: dict[str, tuple[str, str]]) -> None:
+    """Every column keeps the kind of value it first had (`kinds`: column -> (kind, where))."""
+    for column, value in row.items():
+        if value is None:
+            continue
+        kind = KINDS[type(value)]
+        first = kinds.setdefault(column, (kind, where))
+        if first[0] != kind:
+            raise UsageError(f"data file {str(path)!r} {where}: column {column!r} is {kind}, but {first[0]} "
+                             f"in {first[1]}; a column holds one kind of value")
 
 
 def _check_json_lines(path: Path, text: str) -> None:
+    kinds: dict[str, tuple[str, str]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -83,6 +110,7 @@ def _check_json_lines(path: Path, text: str) -> None:
         if not isinstance(row, dict):
             raise UsageError(f"data file {str(path)!r} line {number}: a row must be a JSON object, "
                              f"got {type(row).__name__}")
+        _check_kinds(path, f"line {number}", row, kinds)
 
 
 def _check_csv(path: Path, text: str) -> None:

@@ -1,17 +1,16 @@
-"""Training data: rows -> rendered text with trained character spans -> tokens and labels -> batches.
+"""Training data: rows -> checked canonical rows -> tokens and labels -> batches.
 
-    sources (where rows come from) -> formats (row -> text + trained spans) -> tokenize (tokens,
-    labels, stats) -> batching (packing, the resumable sampler, padding) -> loaders (here)
+    sources (where rows come from) -> formats (row -> canonical row, bad rows) -> rows (read, check,
+    split and mix every data set; no torch) -> tokenize (tokens, labels, stats)
+    -> batching (packing, the resumable sampler, padding) -> loaders (here)
 
-
-Here: the train / held-out split (deterministic, by `data.seed`), and the two DataLoaders.
+Here: the two DataLoaders over the tokenised rows, and the statistics of what was kept.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import random
 from typing import Any
 
 import torch
@@ -19,24 +18,12 @@ from torch.utils.data import DataLoader
 
 from qlora.config import DataConfig
 from qlora.data.batching import ResumableBatchSampler, collate, pack
-from qlora.data.formats import detect_format
-from qlora.data.sources import load_records
-from qlora.data.tokenize import DataStats, tokenize_rows
+from qlora.data.formats import portable
+from qlora.data.rows import Rows, load_rows
+from qlora.data.tokenize import DataStats, tokenize_dataset
 from qlora.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-
-def split_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[int], list[int]]:
-    """Deterministic (train, eval) row indices, both in data set order; eval chosen by `cfg.seed`."""
-    n = len(rows)
-    n_eval = cfg.eval_size if cfg.eval_size is not None else round(cfg.eval_fraction * n)
-    if n_eval >= n:
-        raise UsageError(f"data.eval_size / eval_fraction hold out {n_eval} of {n} rows; "
-                         "leave at least one row for training")
-    order = list(range(n))
-    random.Random(cfg.seed).shuffle(order)
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
 def _pad_id(tokenizer) -> int:
@@ -47,54 +34,64 @@ def _pad_id(tokenizer) -> int:
 
 
 def split_sources(cfg: DataConfig, records: list[dict[str, Any]] | None = None,
-                  eval_records: list[dict[str, Any]] | None = None):
-    """(train indices, train rows, eval indices, eval rows): `cfg.max_rows` of the data set, then
-    either the separate eval data (`eval_records` / `cfg.eval_dataset`) or the held-out split."""
-    rows = records if records is not None else load_records(cfg.dataset, cfg.split)
-    rows = rows[: cfg.max_rows] if cfg.max_rows else rows
-    if eval_records is None and cfg.eval_dataset is not None:
-        eval_records = load_records(cfg.eval_dataset, cfg.split)
-    if eval_records is not None:
-        return range(len(rows)), rows, range(len(eval_records)), eval_records
-    train_idx, eval_idx = split_rows(rows, cfg)
-    return train_idx, [rows[i] for i in train_idx], eval_idx, [rows[i] for i in eval_idx]
+                  eval_records: list[dict[str, Any]] | None = None) -> tuple[range, list, range, list]:
+    """(train indices, train rows, eval indices, eval rows): the checked rows as chat or
+    prompt-completion rows (`portable`), training rows repeated by their data set's weight."""
+    rows = load_rows(cfg, records, eval_records)
+    train, evals = [portable(r) for r in rows.train], [portable(r) for r in rows.eval]
+    return range(len(train)), train, range(len(evals)), evals
+
+
+def _examples(rows: Rows, which: str, tokenizer, cfg: DataConfig, stats: DataStats):
+    """Tokenised training or eval rows (a Dataset of input_ids / labels), skips and truncation counted."""
+    ds = tokenize_dataset(getattr(rows, which), tokenizer, cfg, what=f"{which} rows")
+    if len(ds) == 0:
+        return ds, 0
+    where = "eval data: " if which == "eval" and rows.separate_eval else ""
+    reasons = ds["skip"]
+    for reason, part, row in zip(reasons, ds["part"], ds["row"]):
+        if reason:
+            stats.skip(f"{where}{rows.labels[part]}: {reason}", row)
+    stats.truncated += sum(ds["truncated"])
+    ds = ds.select([i for i, reason in enumerate(reasons) if not reason])
+    return ds.select_columns(["input_ids", "labels", "length"]), sum(ds["n_targets"])
 
 
 def make_dataloaders(tokenizer, cfg: DataConfig, micro_batch_size: int, seed: int, *,
                      records: list[dict[str, Any]] | None = None,
-                     eval_records: list[dict[str, Any]] | None = None,
+                     eval_records: list[dict[str, Any]] | None = None, rows: Rows | None = None,
                      rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader | None, DataStats]:
     """Train and eval loaders (eval is None when nothing is held out) and the pipeline's stats.
 
-    `records` / `eval_records` replace loading `cfg.dataset` / `cfg.eval_dataset` (in-memory data).
-    The train loader's `batch_sampler` is a `ResumableBatchSampler` seeded with `seed`; save and
-    restore its `state_dict()` for an exact resume. Eval batches are in order, split across ranks.
+    `rows` are the checked rows when the caller read them already (`qlora.data.rows.load_rows`);
+    `records` / `eval_records` replace reading the data sets (in-memory data). The train loader's
+    `batch_sampler` is a `ResumableBatchSampler` seeded with `seed`; save and restore its
+    `state_dict()` for an exact resume. Eval batches are in order, split across ranks.
     """
-    train_idx, train_rows, eval_idx, eval_rows = split_sources(cfg, records, eval_records)
-    eval_where = "" if eval_records is None and cfg.eval_dataset is None else "eval data: "
-    if not train_rows:
-        raise UsageError(f"data.dataset {cfg.dataset!r} has no rows")
-    fmt = detect_format(train_rows + eval_rows, cfg.format)
-    stats = DataStats(rows=len(train_rows) + len(eval_rows))
-    train = tokenize_rows(train_rows, tokenizer, fmt, cfg, stats, train_idx)
-    evals = tokenize_rows(eval_rows, tokenizer, fmt, cfg, stats, eval_idx, where=eval_where)
+    rows = rows if rows is not None else load_rows(cfg, records, eval_records)
+    stats = DataStats(rows=rows.rows)
+    for reason, n in rows.skips.counts.items():
+        stats.skipped[reason] += n
+        stats.first_skipped.setdefault(reason, rows.skips.first[reason])
+    train, stats.train_target_tokens = _examples(rows, "train", tokenizer, cfg, stats)
+    evals, _ = _examples(rows, "eval", tokenizer, cfg, stats)
     if stats.skipped:
         log.warning("data: %d rows, %s", stats.rows, stats.skipped_summary())
-    if not train:
+    if len(train) == 0:
         reason, row = next(iter(stats.first_skipped.items()), ("no rows", 0))
-        raise UsageError(f"data.dataset {cfg.dataset!r}: no usable training rows as format {fmt!r} "
+        raise UsageError(f"{' + '.join(rows.labels[: len(cfg.sources())])}: no usable training rows "
                          f"(e.g. row {row}: {reason})")
-    stats.train_target_tokens = sum(sum(t != -100 for t in ex["labels"][1:]) for ex in train)
+    lengths, eval_lengths = train["length"], evals["length"] if len(evals) else []
+    train, evals = train.remove_columns("length"), evals.remove_columns("length") if len(evals) else []
     if cfg.packing:
         train, evals = pack(train, cfg.max_length), pack(evals, cfg.max_length)
+        lengths, eval_lengths = [len(ex["input_ids"]) for ex in train], [len(ex["input_ids"]) for ex in evals]
     stats.train_examples, stats.eval_examples = len(train), len(evals)
-    stats.train_tokens = sum(len(ex["input_ids"]) for ex in train)
-    stats.eval_tokens = sum(len(ex["input_ids"]) for ex in evals)
+    stats.train_tokens, stats.eval_tokens = sum(lengths), sum(eval_lengths)
 
     collate_fn = functools.partial(collate, pad_id=_pad_id(tokenizer))
-    sampler = ResumableBatchSampler([len(ex["input_ids"]) for ex in train], micro_batch_size,
-                                    group_by_length=cfg.group_by_length, seed=seed, rank=rank,
-                                    world_size=world_size)
+    sampler = ResumableBatchSampler(lengths, micro_batch_size, group_by_length=cfg.group_by_length, seed=seed,
+                                    rank=rank, world_size=world_size)
     if len(sampler) == 0:
         raise UsageError(f"{len(train)} training examples make fewer micro-batches than the "
                          f"{world_size} processes")
@@ -103,9 +100,9 @@ def make_dataloaders(tokenizer, cfg: DataConfig, micro_batch_size: int, seed: in
     train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0,
                               generator=torch.Generator().manual_seed(seed))
     eval_loader = None
-    if evals:
-        eval_sampler = ResumableBatchSampler([len(ex["input_ids"]) for ex in evals], micro_batch_size,
-                                             shuffle=False, rank=rank, world_size=world_size, drop_uneven=False)
+    if len(evals):
+        eval_sampler = ResumableBatchSampler(eval_lengths, micro_batch_size, shuffle=False, rank=rank,
+                                             world_size=world_size, drop_uneven=False)
         eval_loader = DataLoader(evals, batch_sampler=eval_sampler, collate_fn=collate_fn, num_workers=0,
                                  generator=torch.Generator().manual_seed(seed))
     return train_loader, eval_loader, stats

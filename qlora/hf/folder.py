@@ -79,8 +79,11 @@ def tied_output_name(model: nn.Module) -> str | None:
     return next(name for name, module in model.named_modules() if module is head)
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer of a model folder, hub id or built-in name (a pad token is set to eos if absent)."""
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer of a model folder, hub id or built-in name (a pad token is set to eos if absent),
+    with the recipe's `data.chat_template` (a name or .jinja file) when one is given."""
+    from qlora.hf.chat_template import set_chat_template
+
     from transformers import AutoTokenizer
 
     folder = model_folder(name_or_path)
@@ -90,4 +93,4 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
         raise UsageError(f"{folder}: cannot load a tokenizer ({err})") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return set_chat_template(tok, chat_template)

@@ -125,6 +125,7 @@ class OneAdapter:
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object, AdapterSet]:
     """(model in eval mode, tokenizer, its adapters): every adapter loaded, the first active."""
     from qlora.adapters.multi import AdapterSet
+    from qlora.hf.chat_template import saved_chat_template, set_chat_template
     from qlora.hf.folder import load_tokenizer
     from qlora.hf.load import load_base_model
 
@@ -139,4 +140,9 @@ def load_for_inference(target: Target, device) -> tuple[nn.Module, object, Adapt
         adapters.load_adapter(folder, name)
     adapters.set_adapter(next(iter(target.adapters), None))
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    saved = [t for folder in target.adapters.values() if (t := saved_chat_template(folder))]
+    if saved:  # the template the adapter was trained with
+        tokenizer.chat_template = saved[0]
+    else:
+        set_chat_template(tokenizer, cfg.data.chat_template)
     return model.eval(), tokenizer, adapters

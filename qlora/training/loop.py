@@ -42,7 +42,9 @@ from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.surgery import trainable_summary
 from qlora.config import RecipeConfig
 from qlora.recipe import recipe_to_dict, save_recipe
-from qlora.data import make_dataloaders, prompt_of, split_sources
+from qlora.data.formats import prompt_of
+from qlora.data.loaders import make_dataloaders
+from qlora.data.rows import Rows, load_rows
 from qlora.errors import UsageError
 from qlora.hf.folder import load_tokenizer
 from qlora.inference.generate import before_after
@@ -78,9 +80,8 @@ def _micro_batches(loader):
             raise UsageError("the training data produced no batches")
 
 
-def _sample_prompts(cfg: RecipeConfig, k: int) -> list[str]:
-    _, _, _, eval_rows = split_sources(cfg.data)
-    return [p for row in eval_rows if (p := prompt_of(row))][:k]
+def _sample_prompts(rows: Rows, k: int) -> list[str]:
+    return [p for row in rows.eval.select(range(min(len(rows.eval), 4 * k))) if (p := prompt_of(row))][:k]
 
 
 def no_phases(name: str) -> contextlib.AbstractContextManager:
@@ -88,29 +89,30 @@ def no_phases(name: str) -> contextlib.AbstractContextManager:
 
 
 def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
-          phase: Callable[[str], contextlib.AbstractContextManager] = no_phases) -> dict:
+          phase: Callable[[str], contextlib.AbstractContextManager] = no_phases, rows: Rows | None = None) -> dict:
     """Run the recipe; returns a summary (losses before/after, steps, tokens/s, output paths).
 
     The main process holds the run folder's lock throughout (a second run on it is refused).
     `phase(name)` wraps each stage in a context manager, for profilers (tools/memory_profile.py):
-    "load", "forward", "backward", "optimizer", "eval", "save".
+    "load", "forward", "backward", "optimizer", "eval", "save". `rows` are the recipe's checked
+    data rows when the caller read them already (`qlora.data.rows.load_rows`).
     """
     with run_lock(Path(cfg.output.dir), enabled=runtime.process_rank() == 0):
-        return _train(cfg, resume, samples, phase)
+        return _train(cfg, resume, samples, phase, rows or load_rows(cfg.data))
 
 
 def _train(cfg: RecipeConfig, resume: bool, samples: int,
-           phase: Callable[[str], contextlib.AbstractContextManager]) -> dict:
+           phase: Callable[[str], contextlib.AbstractContextManager], rows: Rows) -> dict:
     tc = cfg.train
     rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
     run_dir, clear_old_run, checkpoint = prepare_run_dir(cfg, resume)
     runtime.seed_everything(tc.seed)
     say = print if rt.is_main else (lambda *a, **k: None)
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.chat_template)
     # Data before the model: a bad row is reported in seconds, not after a minutes-long 7B+ load.
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
-                                                        rank=rt.rank, world_size=rt.world_size)
+                                                        rows=rows, rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
     if eval_loader is None and (tc.keep_best or tc.early_stopping_patience):
         raise UsageError("train.keep_best / train.early_stopping_patience need held-out data: set "
@@ -156,7 +158,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"
     k = max(samples, tc.eval_samples)
-    prompts = _sample_prompts(cfg, k) if k and rt.is_main and not sharded else []
+    prompts = _sample_prompts(rows, k) if k and rt.is_main and not sharded else []
     evaluator = Evaluator(tc, loss_fn, eval_loader, rt, metrics, model, tokenizer, prompts[:tc.eval_samples],
                           run_dir, spec, base_name, say=tqdm.write if rt.is_main else say)
     if checkpoint is not None and "best" in state:
@@ -247,7 +249,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     with phase("save"), full_parameters(loss_fn):
         guard.check_final(model, progress.step)
         if rt.is_main:
-            save_adapter(model, RunDir(run_dir).adapter, spec, base_name)
+            save_adapter(model, RunDir(run_dir).adapter, spec, base_name,
+                         tokenizer=tokenizer if cfg.data.chat_template else None)
             summary["adapter"] = str(RunDir(run_dir).adapter)
     if prompts and samples:
         summary["samples"] = before_after(model, tokenizer, prompts[:samples])
