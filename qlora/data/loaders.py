@@ -79,8 +79,7 @@ def make_dataloaders(tokenizer, cfg: DataConfig, micro_batch_size: int, seed: in
         log.warning("data: %d rows, %s", stats.rows, stats.skipped_summary())
     if len(train) == 0:
         reason, row = next(iter(stats.first_skipped.items()), ("no rows", 0))
-        raise UsageError(f"{' + '.join(rows.labels[: len(cfg.sources())])}: no usable training rows "
-                         f"(e.g. row {row}: {reason})")
+        raise UsageError(f"no usable training rows (e.g. {reason}, row {row})")
     lengths, eval_lengths = train["length"], evals["length"] if len(evals) else []
     train, evals = train.remove_columns("length"), evals.remove_columns("length") if len(evals) else []
     if cfg.packing:
