@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers_tokenizer import make_tokenizer
-from qlora.config import DataConfig, DatasetSpec
+from qlora.config_data import DataConfig, DatasetSpec
 from qlora.data import (
     DataStats,
     chatterbot_rows,

@@ -17,7 +17,7 @@ from pathlib import Path
 from qlora.config import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1] / "qlora"
-DEFINING = {ROOT / "config.py", ROOT / "recipe.py", ROOT / "typecheck.py"}
+DEFINING = {ROOT / "config.py", ROOT / "config_data.py", ROOT / "recipe.py", ROOT / "typecheck.py"}
 INFORMATIONAL: dict[str, str] = {}  # "section.key": why nothing reads it
 
 

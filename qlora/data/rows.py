@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from qlora.config import DataConfig, DatasetSpec
+from qlora.config_data import DataConfig, DatasetSpec
 from qlora.data.formats import BadRow, RowError, canonical, detect_format, known_columns
 from qlora.data.sources import load_source
 from qlora.errors import UsageError
@@ -94,6 +94,17 @@ def _label(spec: DatasetSpec) -> str:
     return f"data {kind} {spec.path!r}"
 
 
+def data_sets(cfg: DataConfig) -> list[DatasetSpec]:
+    """The data sets to read, with the `data.` defaults filled in (one when `data.datasets` is unset)."""
+    entries = cfg.datasets or [{"path": cfg.dataset, "name": cfg.name, "data_files": cfg.data_files}]
+    specs = [DatasetSpec(**entry) for entry in entries]
+    for spec in specs:
+        spec.format = spec.format or cfg.format
+        spec.columns = cfg.columns if spec.columns is None else spec.columns
+        spec.split = spec.split or cfg.split
+    return specs
+
+
 def read_part(spec: DatasetSpec, part: int, cfg: DataConfig, ds=None):
     """One data set as canonical rows (skips still in, marked in `skip`)."""
     label = _label(spec) if ds is None else "the given rows"
@@ -145,7 +156,7 @@ def load_rows(cfg: DataConfig, records: list[dict] | None = None,
 
     if cfg.chat_template and is_template_file(cfg.chat_template):  # a name needs the tokenizer: checked later
         read_template_file(cfg.chat_template)
-    specs = cfg.sources()
+    specs = data_sets(cfg)
     given = [None] * len(specs) if records is None else [datasets.Dataset.from_list(records)]
     specs = specs if records is None else [DatasetSpec(path="<rows>", format=cfg.format, columns=cfg.columns)]
     skips, parts, labels, read = Skips(), [], [], 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from qlora.config import DatasetSpec
+from qlora.config_data import DatasetSpec
 from qlora.data.checks import check_data_file
 from qlora.errors import UsageError
 
