@@ -25,15 +25,7 @@ from qlora.data.batching import ResumableBatchSampler, collate
 from qlora.errors import UsageError
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no hub; `tok` is conftest's too
 
 
 def load_records(path: str) -> list[dict]:

@@ -23,15 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 QA = [("What is AI?", "machines that think"), ("hello world", "I am fine"), ("how are you today?", "fine, thank you")]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no hub; `tok` is conftest's too
 
 
 def jsonl(path: Path, rows: list[dict]) -> str:
