@@ -25,6 +25,14 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
+def _chatterbot_folder(language: str) -> Path:
+    spec = importlib.util.find_spec("chatterbot_corpus")  # locate without importing its package code
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("data.dataset 'chatterbot' needs the chatterbot-corpus package: "
+                         "pip install chatterbot-corpus==1.3.3 (`make install` or pip install -e '.[embedded]' installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / language
+
+
 def chatterbot_rows(language: str = "english") -> list[dict[str, Any]]:
     """The chatterbot-corpus conversations as chat rows, files in sorted order.
 
@@ -32,13 +40,8 @@ def chatterbot_rows(language: str = "english") -> list[dict[str, Any]]:
     answer is dropped. A malformed conversation (not a list of strings) becomes an empty one, so
     the row checks skip and count it like any other empty row.
     """
-    spec = importlib.util.find_spec("chatterbot_corpus")  # locate without importing its package code
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError("data.dataset 'chatterbot' needs the chatterbot-corpus package: "
-                         "pip install chatterbot-corpus==1.3.3 (`make install` or pip install -e '.[embedded]' installs it)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / language
     rows = []
-    for path in sorted(folder.glob("*.yml")):
+    for path in sorted(_chatterbot_folder(language).glob("*.yml")):
         for conversation in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations", []):
             ok = isinstance(conversation, list) and all(isinstance(t, str) for t in conversation)
             usable = conversation[: len(conversation) // 2 * 2] if ok else []
@@ -47,6 +50,10 @@ def chatterbot_rows(language: str = "english") -> list[dict[str, Any]]:
     if not rows:
         raise UsageError(f"no chatterbot conversations found for language {language!r}")
     return rows
+
+
+def _chatterbot_generator(language: str, corpus: str):
+    yield from chatterbot_rows(language)
 
 
 def _offline() -> bool:
@@ -58,8 +65,12 @@ def load_source(spec: DatasetSpec):
     """The rows of one data set as a `datasets.Dataset`."""
     import datasets
 
-    if spec.path == "chatterbot":
-        return datasets.Dataset.from_list(chatterbot_rows())
+    if spec.path == "chatterbot":  # through the cache (keyed by the corpus version), so maps are cached too
+        from importlib.metadata import version
+
+        _chatterbot_folder("english")  # a missing corpus is named here, not inside the generator
+        return datasets.Dataset.from_generator(_chatterbot_generator, gen_kwargs={
+            "language": "english", "corpus": version("chatterbot-corpus")})
     path = Path(spec.path).expanduser()
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if path.is_dir() and any((path / m).is_file() for m in SAVED_MARKERS):
