@@ -139,6 +139,14 @@ def test_mixture_weights_are_repeat_factors(tmp_path):
     assert Counter(mix(0, 1.0, 1.0).train["part"]) == {0: 40 - held[0], 1: 40 - held[1]}
 
 
+def test_a_separate_eval_file_is_read_whole_and_not_repeated(tmp_path):
+    a = jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(10)])
+    held = jsonl(tmp_path / "held.jsonl", [{"text": f"e {i}"} for i in range(6)])
+    rows = load_rows(DataConfig(datasets=[{"path": a, "weight": 3}], eval_dataset=held, max_rows=4))
+    assert rows.train["completion"] == [f"a {i}" for i in range(4)] * 3
+    assert rows.eval["completion"] == [f"e {i}" for i in range(6)]
+
+
 def test_mixture_entries_are_checked():
     with pytest.raises(UsageError, match=r"data.datasets\[1\]: unknown key 'wieght' \(did you mean 'weight'\?\)"):
         DataConfig(datasets=[{"path": "a.jsonl"}, {"path": "b.jsonl", "wieght": 2}])

@@ -105,12 +105,12 @@ def data_sets(cfg: DataConfig) -> list[DatasetSpec]:
     return specs
 
 
-def read_part(spec: DatasetSpec, part: int, cfg: DataConfig, ds=None):
-    """One data set as canonical rows (skips still in, marked in `skip`)."""
+def read_part(spec: DatasetSpec, part: int, cfg: DataConfig, ds=None, max_rows: int | None = None):
+    """One data set (`ds`, or read from `spec`) as canonical rows, skips still in (marked in `skip`)."""
     label = _label(spec) if ds is None else "the given rows"
     ds = load_source(spec) if ds is None else ds
-    if cfg.max_rows:
-        ds = ds.select(range(min(cfg.max_rows, len(ds))))
+    if max_rows:
+        ds = ds.select(range(min(max_rows, len(ds))))
     ds = map_columns(ds, spec.columns or {}, label)
     fmt = detect_format(ds.column_names, spec.format, label)
     return ds.map(_canonical_row, with_indices=True, fn_kwargs={"fmt": fmt, "part": part, "label": label},
@@ -156,12 +156,14 @@ def load_rows(cfg: DataConfig, records: list[dict] | None = None,
 
     if cfg.chat_template and is_template_file(cfg.chat_template):  # a name needs the tokenizer: checked later
         read_template_file(cfg.chat_template)
-    specs = data_sets(cfg)
-    given = [None] * len(specs) if records is None else [datasets.Dataset.from_list(records)]
-    specs = specs if records is None else [DatasetSpec(path="<rows>", format=cfg.format, columns=cfg.columns)]
+    if records is None:
+        specs, given = data_sets(cfg), [None] * len(data_sets(cfg))
+    else:
+        specs, given = [DatasetSpec(path="<rows>", format=cfg.format, columns=cfg.columns)], [
+            datasets.Dataset.from_list(records)]
     skips, parts, labels, read = Skips(), [], [], 0
     for i, (spec, ds) in enumerate(zip(specs, given)):
-        rows, label = read_part(spec, i, cfg, ds)
+        rows, label = read_part(spec, i, cfg, ds, cfg.max_rows)
         read += len(rows)
         parts.append(_good(rows, skips, label))
         labels.append(label)
