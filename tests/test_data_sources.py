@@ -218,7 +218,7 @@ def test_chat_template_is_saved_with_the_adapter_and_the_merged_model(tmp_path):
     apply_lora(model, LoraSpec(r=2, alpha=4))
     (tmp_path / "plain.jinja").write_text(PLAIN)
     tokenizer = set_chat_template(make_tokenizer(), str(tmp_path / "plain.jinja"))
-    save_adapter(model, tmp_path / "adapter", LoraSpec(r=2, alpha=4), str(base), tokenizer)
+    save_adapter(model, tmp_path / "adapter", LoraSpec(r=2, alpha=4), str(base), tokenizer=tokenizer)
     assert saved_chat_template(tmp_path / "adapter") == PLAIN
     assert AutoTokenizer.from_pretrained(tmp_path / "adapter").chat_template == PLAIN
     merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
