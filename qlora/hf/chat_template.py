@@ -5,8 +5,8 @@ A recipe names a template the tokenizer ships (transformers keeps several as a d
 (`chatml`, the `<|im_start|>role ... <|im_end|>` layout), or gives a path to a `.jinja` file. The
 chosen template is set on the tokenizer before any row is rendered, and written as
 `chat_template.jinja` with the tokenizer files into the adapter folder (transformers reads that
-file since 4.43, and a merged model folder copies it), so `qlora generate`, `AutoTokenizer` and
-the merged model render prompts exactly as training did.
+file when it loads a tokenizer; `qlora merge` copies it into the merged folder), so `qlora
+generate`, `AutoTokenizer` and the merged model render prompts exactly as training did.
 """
 
 from __future__ import annotations
