@@ -28,8 +28,8 @@ SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what
 def _chatterbot_folder(language: str) -> Path:
     spec = importlib.util.find_spec("chatterbot_corpus")  # locate without importing its package code
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError("data.dataset 'chatterbot' needs the chatterbot-corpus package: "
-                         "pip install chatterbot-corpus==1.3.3 (`make install` or pip install -e '.[embedded]' installs it)")
+        raise UsageError("data.dataset 'chatterbot' needs the chatterbot-corpus package: pip install "
+                         "chatterbot-corpus==1.3.3 (`make install` or pip install -e '.[embedded]' installs it)")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / language
 
 
