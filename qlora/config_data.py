@@ -62,7 +62,9 @@ class DataConfig(Section):
     hub data set id (only when the hub is reachable). Ignored when `datasets` is set."""
     datasets: Optional[list[dict]] = None
     """A mixture instead of `dataset`: a list of {path, weight, format, columns, name, data_files,
-    split} (see `DatasetSpec`); rows are held out for evaluation from all of them together."""
+    split}. `weight` is a repeat factor per epoch (2.0: every row twice; 0.5: a seeded random half);
+    the other keys default to the `data.` keys of the same name. Eval rows are held out from all
+    data sets together, before repeating."""
     name: Optional[str] = None
     """Subset / config name of a hub `dataset`."""
     data_files: Union[str, list[str], None] = None
