@@ -121,7 +121,7 @@ def test_plan_within_10_percent_of_profiled_peak(honest_model, tmp_path, checkpo
     """The planner's total against the tensor peak of real training steps through `qlora.training.loop.train`.
 
     Packing and training on prompts make every batch the recipe's worst one (micro-batch x max_length
-    tokens, all of them loss targets), which is what the plan for a recipe describes; the test checks
+    tokens, all of them loss targets but the first of each packed document), which is what the plan for a recipe describes; the test checks
     that premise from the batches the profiler saw.
     """
     cfg = load_recipe(TINY_RECIPE, [
@@ -133,7 +133,9 @@ def test_plan_within_10_percent_of_profiled_peak(honest_model, tmp_path, checkpo
     with MemoryTracker() as tracker:
         train(cfg, phase=tracker.phase)
     summary = tracker.summary()
-    assert summary["batch_shapes"] == [[batch, 256, batch * 255]] * 2
+    # every row full; every token a target except each packed document's first (no cross-document targets)
+    assert [shape[:2] for shape in summary["batch_shapes"]] == [[batch, 256]] * 2
+    assert all(0.97 * batch * 255 <= shape[2] < batch * 255 for shape in summary["batch_shapes"])
     measured = summary["train_step_tensor_peak_bytes"]
     plan = plan_for_recipe(cfg, device="cpu")
     assert abs(plan.total_bytes - measured) <= 0.10 * measured, (plan.total_bytes, measured, dict(plan.breakdown))
