@@ -252,3 +252,23 @@ def test_weights_put_back_after_later_masking_save_their_own_pattern(base, tmp_p
     load_adapter(reread, tmp_path / "final", dtype="fp32")
     with torch.no_grad():
         torch.testing.assert_close(reread(tokens()).logits, earlier, rtol=1e-5, atol=1e-5)
+
+
+def test_hot_swap_and_combine_read_adalora_as_lora(base, tmp_path):
+    """AdapterSet (hot swap) serves a saved AdaLoRA adapter with the trained model's logits, and
+    `combine` reads it as LoRA pairs of rank init_r."""
+    from qlora.adapters.combine import read_adapter
+    from qlora.adapters.multi import AdapterSet
+
+    model, spec = _masked_model(base, None, torch.float32)
+    save_adapter(model, tmp_path / "a", spec, str(base))
+    with torch.no_grad():
+        trained = model(tokens()).logits
+    served = load_model(base, quant=None, dtype=torch.float32)
+    adapters = AdapterSet(served, "fp32")
+    adapters.load_adapter(tmp_path / "a", "ada")
+    adapters.set_adapter("ada")
+    with torch.no_grad():
+        torch.testing.assert_close(served(tokens()).logits, trained, rtol=1e-5, atol=1e-5)
+    pairs = read_adapter(tmp_path / "a").pairs
+    assert len(pairs) == 2 * len(TARGETS) and all(a.shape[0] == 6 for a, _ in pairs.values())
