@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from qlora.adapters.spec import PEFT_PREFIX, AdaLoraSchedule
-from qlora.nn.adalora import PEFT_EPS, AdaLoRALinear
+from qlora.nn.adalora import AdaLoRALinear
 
 FACTORS = ("lora_A", "lora_E", "lora_B")
 
@@ -189,7 +189,3 @@ def lora_equivalent(tensors: dict[str, torch.Tensor], config: dict) -> dict[str,
         out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = lora_A, lora_B
     return out
 
-
-def lora_equivalent_alpha(config: dict) -> float:
-    """alpha' with alpha' / r = AdaLoRA's scaling alpha / (r + 1e-5)."""
-    return config["lora_alpha"] * config["init_r"] / (config["init_r"] + PEFT_EPS)

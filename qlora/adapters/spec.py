@@ -133,12 +133,12 @@ class LoraSpec:
         AdaLoRA's scaling), the form `read_adapter_weights` gives its tensors in.
         """
         if config.get("peft_type") == "ADALORA":
-            from qlora.adapters.adalora import lora_equivalent_alpha
+            from qlora.nn.adalora import PEFT_EPS
 
             if "init_r" not in config or "lora_alpha" not in config:
                 raise UsageError(f"{source}: an ADALORA config needs init_r and lora_alpha")
             config = {**config, "peft_type": "LORA", "r": config["init_r"], "rank_pattern": None,
-                      "lora_alpha": lora_equivalent_alpha(config)}
+                      "lora_alpha": config["lora_alpha"] * config["init_r"] / (config["init_r"] + PEFT_EPS)}
         checks = {
             "peft_type": (config.get("peft_type"), "LORA"),
             "rank_pattern": (bool(config.get("rank_pattern")), False),
