@@ -238,13 +238,14 @@ def combine_adapters(adapter_dirs: Sequence[str | Path], weights: Sequence[float
 
     from qlora.adapters.merge import merge_adapter
     from qlora.adapters.peft_format import write_adapter
-    from qlora.io import check_output
+    from qlora.outputs import check_destination, provenance
 
-    out_dir = check_output(out_dir, overwrite)
+    kind = "merged" if merge else "combined"
+    out_dir = check_destination(out_dir, overwrite, kind, adapter_dirs)
     tensors, config = combine([read_adapter(d) for d in adapter_dirs], weights, method, density=density, rank=rank,
                               seed=seed)
     if not merge:
-        return write_adapter(out_dir, tensors, config)
+        return write_adapter(out_dir, tensors, config, provenance=provenance("combined", adapter_dirs))
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_adapter(Path(tmp) / "adapter", tensors, config)
-        return merge_adapter(adapter, out_dir, overwrite=overwrite)
+        return merge_adapter(adapter, out_dir, overwrite=overwrite, inputs=tuple(adapter_dirs))

@@ -32,6 +32,7 @@ from qlora.errors import UsageError
 from qlora.hf.folder import shareable_name
 from qlora.io import atomic_folder, write_bytes_atomic, write_json_atomic
 from qlora.nn.adapter import adapter_layers
+from qlora.outputs import write_provenance
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -84,8 +85,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     return write_adapter(out_dir, tensors, config, tokenizer)
 
 
-def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer=None) -> Path:
-    """Write PEFT-keyed ``tensors`` and a PEFT ``config`` as an adapter folder (replaced atomically)."""
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer=None,
+                  provenance: dict | None = None) -> Path:
+    """Write PEFT-keyed ``tensors`` and a PEFT ``config`` as an adapter folder (replaced atomically),
+    with a writer's ``provenance`` record (`qlora.outputs`) when given."""
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
@@ -97,6 +100,7 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
         write_json_atomic(tmp / CONFIG_FILE, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_provenance(tmp, provenance)
     return out_dir
 
 
