@@ -139,7 +139,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     folders OUT must not be or hold (`qlora.outputs.check_destination`); a non-finite merged weight is
     refused, naming it, before anything is written.
     """
-    from qlora.adapters.peft_format import load_adapter
+    from qlora.adapters.peft_format import load_adapter, read_adapter_weights
     from qlora.adapters.spec import read_peft_config
     from qlora.dtypes import hf_name, short_name
     from qlora.hf.export import write_model_folder
@@ -156,6 +156,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
         raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
     inputs = [adapter_dir, *inputs, *([base] if Path(base).is_dir() else [])]
     out_dir = check_destination(out_dir, overwrite, "merged", inputs)
+    read_adapter_weights(adapter_dir)  # config and tensors checked before the base loads
     model = load_model(base, quant=None, dtype=dtype)
     load_adapter(model, adapter_dir, dtype=short_name(dtype))
     merge_lora(model, dtype)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qlora.adapters.fit import check_fits, shapes
 from qlora.adapters.peft_format import lora_pairs, read_adapter_weights
 from qlora.adapters.spec import LoraSpec, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE
@@ -105,6 +106,7 @@ class AdapterSet:
             raise UsageError(f"{path}: a DoRA adapter (use_dora); AdapterSet swaps LoRA adapters only "
                              "(load a DoRA adapter alone with qlora.adapters.peft_format.load_adapter)")
         pairs = lora_pairs(read_adapter_weights(path))
+        check_fits(self.model, shapes(pairs), spec.targets, path)
         self._wrap(list(pairs), Path(path))
         self.adapters[name] = LoadedAdapter(spec, Path(path), {
             fqn: self._parameters(fqn, lora_A, lora_B, Path(path)) for fqn, (lora_A, lora_B) in pairs.items()})

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qlora.adapters.adalora import lora_equivalent, prune, rank_pattern
+from qlora.adapters.fit import check_fits, check_tensors, shapes
 from qlora.adapters.spec import CONFIG_FILE, PEFT_PREFIX, LoraSpec, read_peft_config, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
 from qlora.errors import UsageError
@@ -107,7 +108,8 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
 def read_adapter_weights(adapter_dir: str | Path, as_lora: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's tensors (safetensors only), with PEFT's old ``.default`` key infix removed;
     an AdaLoRA adapter as its LoRA equivalent (qlora.adapters.adalora.lora_equivalent) unless
-    ``as_lora`` is False (to load it back into AdaLoRA layers)."""
+    ``as_lora`` is False (to load it back into AdaLoRA layers). Config and tensors are checked
+    against each other first (`qlora.adapters.fit.check_tensors`)."""
     from safetensors.torch import load_file
 
     path = Path(adapter_dir) / WEIGHTS_FILE
@@ -119,6 +121,7 @@ def read_adapter_weights(adapter_dir: str | Path, as_lora: bool = True) -> dict[
         raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
     config = read_peft_config(adapter_dir)
+    check_tensors(config, tensors, path)
     return lora_equivalent(tensors, config) if as_lora and config.get("peft_type") == "ADALORA" else tensors
 
 
@@ -141,9 +144,11 @@ def peft_key(fqn: str, factor: str) -> str:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: str = "bf16") -> list[str]:
-    """Wrap ``model`` per the adapter's config and load its weights; returns the adapted modules."""
+    """Wrap ``model`` per the adapter's config and load its weights; returns the adapted modules.
+    The adapter must fit the model (`qlora.adapters.fit.check_fits`)."""
     spec, _ = read_spec(adapter_dir, dtype)
     tensors = read_adapter_weights(adapter_dir)
+    check_fits(model, shapes(lora_pairs(tensors)), spec.targets, adapter_dir)
     adapted = apply_lora(model, spec)
     load_adapter_weights(model, tensors, Path(adapter_dir) / WEIGHTS_FILE)
     return adapted

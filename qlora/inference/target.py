@@ -125,11 +125,14 @@ class OneAdapter:
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object, AdapterSet]:
     """(model in eval mode, tokenizer, its adapters): every adapter loaded, the first active."""
     from qlora.adapters.multi import AdapterSet
+    from qlora.adapters.peft_format import read_adapter_weights
     from qlora.hf.chat_template import saved_chat_template, set_chat_template
     from qlora.hf.folder import load_tokenizer
     from qlora.hf.load import load_base_model
 
     cfg = target.cfg
+    for folder in target.adapters.values():  # config and tensors checked before the base loads
+        read_adapter_weights(folder)
     model = load_base_model(cfg, device)
     dora = [name for name, folder in target.adapters.items() if read_spec(folder)[0].use_dora]
     if dora and len(target.adapters) > 1:
