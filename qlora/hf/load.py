@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from qlora.errors import UsageError
+from qlora.hf.checks import check_tensor, check_unused, floating_names
 from qlora.hf.files import tensor_nbytes, weight_files
 from qlora.hf.folder import bnb_4bit_config, load_config, model_folder, tied_output_name
 from qlora.nn import Linear4bit
@@ -164,6 +165,7 @@ def _stream(
     """Fill ``model`` module by module from ``ckpt`` (see module docstring)."""
     conv1d = set(model.qlora_conv1d)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    floating = floating_names(model)
     for owner, fqns in _group_by_module(names).items():
         tensors = {}
         for fqn in fqns:
@@ -172,6 +174,7 @@ def _stream(
                 continue  # read below, together with its quantisation state
             _check_shape(ckpt, key, fqn, shapes[fqn], owner in conv1d and leaf == "weight")
             tensor = ckpt.get(key)
+            check_tensor(key, ckpt.files[key], tensor, fqn in floating)
             tensor = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor  # cast on the host
             tensor = _to_device(tensor, device)
             tensors[leaf] = tensor.t().contiguous() if owner in conv1d and leaf == "weight" else tensor
@@ -284,6 +287,7 @@ def load_model(
 
     quant_parts = tuple(names[f"{f}.weight"] + "." for f in prequantised)  # read beside their weight
     reads = set(names.values()) | {k for k in files if k.startswith(quant_parts)}
+    check_unused(model, files, reads)
     nbytes = tensor_nbytes(files.values())
     with ExitStack() as stack:
         bar = stack.enter_context(byte_bar(sum(nbytes[k] for k in reads), f"load {folder.name}"))
