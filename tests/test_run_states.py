@@ -1,0 +1,52 @@
+"""`qlora eval RUN` / `generate RUN` on a run with no final adapter (still training, or killed after
+a checkpoint) use the newest verified checkpoint's adapter and say so, or exit 2 when the run has
+no adapter at all; they never evaluate the bare base without a word."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from test_lock import live_pid  # noqa: F401  (a fixture)
+from test_train import home, run_cli, tiny_run  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def killed(tiny_run, tmp_path):
+    """The tiny run as if killed after its step-4 checkpoint: no adapter/, no summary."""
+    out, _ = tiny_run
+    copy = tmp_path / "killed"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "adapter")
+    (copy / "summary.json").unlink()
+    return copy
+
+
+@pytest.mark.slow  # two evals of the tiny run through the CLI
+def test_eval_of_a_killed_run_uses_its_newest_checkpoint(killed, tiny_run, tmp_path):
+    result = run_cli("eval", str(killed), "--json", str(tmp_path / "run.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped before writing its final adapter" in result.stderr and "step-000004" in result.stderr
+    direct = run_cli("eval", str(killed), "--adapter", str(killed / "checkpoints" / "step-000004" / "adapter"),
+                     "--json", str(tmp_path / "direct.json"))
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    loss = json.loads((tmp_path / "run.json").read_text())["eval_loss"]
+    assert loss == json.loads((tmp_path / "direct.json").read_text())["eval_loss"]
+    summary = json.loads((tiny_run[0] / "summary.json").read_text())
+    assert loss != pytest.approx(summary["eval_before"]["eval_loss"], rel=1e-6)  # not the bare base
+
+
+def test_a_run_with_no_adapter_yet_exits_2(killed, live_pid):  # noqa: F811
+    shutil.rmtree(killed / "checkpoints")
+    for command in (["eval", str(killed)], ["generate", str(killed), "--prompt", "hi"]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and "stopped before writing its final adapter" in result.stderr, result.stderr
+        assert "has no complete checkpoint yet" in result.stderr and "--base" in result.stderr
+    lock = {"pid": live_pid, "host": os.uname().nodename, "started": time.time() - 1}
+    (killed / "run.lock").write_text(json.dumps(lock))
+    result = run_cli("eval", str(killed))
+    assert result.returncode == 2 and "is still training" in result.stderr, result.stderr
