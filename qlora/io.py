@@ -48,7 +48,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         raise UsageError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, named_os_errors(path):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -59,6 +59,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def named_os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError of the block that names no file (a write's ENOSPC) is raised again naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -82,7 +93,8 @@ def atomic_folder(final: str | Path, *, replace: bool = False) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}_", dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
+        with named_os_errors(final):
+            yield tmp
         _fsync_tree(tmp)
         if replace and final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}_", dir=final.parent))

@@ -31,7 +31,7 @@ from qlora.adapters.spec import LoraSpec
 from qlora.errors import UsageError
 from qlora.checkpoint_files import (MANIFEST, STATE_FILE, checkpoint_dir, latest_checkpoint,  # noqa: F401 (re-exported)
                                     verify, write_manifest)
-from qlora.io import atomic_folder
+from qlora.io import atomic_folder, named_os_errors
 from qlora.run_dir import ADAPTER, CHECKPOINTS
 
 log = logging.getLogger("qlora")
@@ -66,7 +66,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, spec: LoraSpec, 
 
 def _save_state(state: dict, path: Path) -> None:
     """torch.save through a Python file, so a full disk raises OSError(ENOSPC) with the path."""
-    with path.open("wb") as f:
+    with named_os_errors(path), path.open("wb") as f:
         torch.save(state, f)
 
 
