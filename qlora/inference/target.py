@@ -88,14 +88,17 @@ def resolve_target(target: str, overrides: list[str], adapters: list[str] | None
     return Target(cfg, chosen)
 
 
-def run_adapter_of(run: RunDir) -> Path:
+def run_adapter_of(run: RunDir) -> Path | None:
     """A run folder's final adapter; for a live or stopped run without one yet, its newest verified
-    checkpoint's adapter (said on stderr); a UsageError when it has neither."""
+    checkpoint's adapter (said on stderr); a UsageError when it has neither. None for a model
+    folder that holds a recipe (a merged model: config.json beside recipe.yaml)."""
     from qlora.checkpoint_files import latest_checkpoint
     from qlora.lockfile import live_owner
 
     if run.adapter.is_dir():
         return run.adapter
+    if (run.root / "config.json").is_file():
+        return None
     state = "is still training" if live_owner(run.root / LOCK) else "stopped before writing its final adapter"
     checkpoint = latest_checkpoint(run.root)
     if checkpoint is None:
