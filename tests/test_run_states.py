@@ -50,3 +50,17 @@ def test_a_run_with_no_adapter_yet_exits_2(killed, live_pid):  # noqa: F811
     (killed / "run.lock").write_text(json.dumps(lock))
     result = run_cli("eval", str(killed))
     assert result.returncode == 2 and "is still training" in result.stderr, result.stderr
+
+
+def test_a_resume_at_the_final_step_logs_its_last_eval_once(killed):
+    """Killed after the final checkpoint and eval but before the adapter: the resume trains nothing,
+    keeps the one eval record of the last step, and reports the run's logged throughput."""
+    from qlora.run_dir import read_metrics
+
+    evals_before = [r for r in read_metrics(killed) if "eval_loss" in r]
+    result = run_cli("train", str(killed / "recipe.yaml"), f"output.dir={killed}", "--resume", "--samples", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r for r in read_metrics(killed) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [r["step"] for r in evals_before] == [0, 2, 4]
+    assert " at 0 tokens/s" not in result.stdout and "tokens/s" in result.stdout
+    assert (killed / "adapter" / "adapter_model.safetensors").is_file()

@@ -45,6 +45,14 @@ class MetricsLogger:
             tracker.close()
 
 
+def logged_throughput(records: list[dict]) -> float | None:
+    """Median tokens/s of the logged train steps (a run resumed at its final step trains none)."""
+    import statistics
+
+    speeds = [r["tokens_per_s"] for r in records if "loss" in r and r.get("tokens_per_s")]
+    return statistics.median(speeds) if speeds else None
+
+
 def _line(record: dict) -> str:
     """One strict-JSON line; non-finite floats become null."""
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
