@@ -30,9 +30,7 @@ ADA = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj"),
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")

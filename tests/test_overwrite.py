@@ -18,14 +18,13 @@ from qlora.adapters.surgery import apply_lora
 from qlora.cli import main
 from qlora.hf.load import load_model
 from qlora.outputs import PROVENANCE, remove_stale_temps
+from test_lock import live_pid  # noqa: F401  (a fixture)
 from tiny_models import randomise_lora_b, save_tiny
 
 SPEC = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj"))
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +46,6 @@ def made(tmp_path_factory):
 
 def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def live_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    time.sleep(0.2)
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 def refused(capsys, argv: list[str], message: str) -> None:

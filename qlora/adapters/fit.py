@@ -32,6 +32,7 @@ from torch import nn
 from qlora.adapters.spec import PEFT_PREFIX
 from qlora.adapters.surgery import LINEAR_LIKE, bases_only, lora_filter
 from qlora.errors import UsageError
+from qlora.hf.checks import check_tensor
 
 _LORA = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 _ADALORA = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A|lora_E|lora_B)$")
@@ -45,13 +46,7 @@ def _listed(names) -> str:
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
     """Every tensor is floating-point with no NaN / Inf, or a UsageError naming the first that is not."""
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise UsageError(f"{source}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                             "adapter weights must be floating-point")
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise UsageError(f"{source}: tensor {key!r} has {bad} non-finite value(s) (NaN / Inf); refusing "
-                             "to apply it")
+        check_tensor(key, source, tensor, floating=True)
 
 
 def check_tensors(config: dict, tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:

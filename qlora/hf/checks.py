@@ -33,18 +33,18 @@ def floating_names(model: nn.Module) -> set[str]:
     return {name for name, value in model.named_parameters(remove_duplicate=False) if value.is_floating_point()}
 
 
-def check_tensor(key: str, file: Path, tensor: torch.Tensor, floating: bool) -> None:
+def check_tensor(key: str, file: Path | str, tensor: torch.Tensor, floating: bool) -> None:
     """A checkpoint tensor read for a model parameter that is `floating` (else: a buffer, or an
     integer parameter, which are not checked)."""
     if not floating:
         return
     if not tensor.is_floating_point():
         raise UsageError(f"{file}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
-                         "but the model needs a floating-point weight there (bf16 / fp16 / fp32)")
+                         "but a floating-point weight belongs there (bf16 / fp16 / fp32)")
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
-        raise UsageError(f"{file}: tensor {key!r} has {bad} non-finite value(s) (NaN / Inf); "
-                         "the checkpoint is damaged")
+        raise UsageError(f"{file}: tensor {key!r} has {bad} non-finite value(s) (NaN / Inf); refusing to use "
+                         "a damaged file")
 
 
 def check_unused(model: nn.Module, files: Mapping[str, Path], reads: Iterable[str]) -> None:
