@@ -71,7 +71,7 @@ def check_destination(out_dir: str | Path, overwrite: bool, kind: str, inputs: I
         raise UsageError(f"{where} is a file, not a folder {WRITERS[kind]} wrote; refusing to replace it")
     owner = live_owner(out / LOCK)
     if owner is not None:
-        raise UsageError(f"{where}: {describe(out / LOCK, owner)}; --overwrite never replaces a live run")
+        raise UsageError(f"output {describe(out / LOCK, owner)}; --overwrite never replaces a live run")
     if written_kind(out) == kind or not any(out.iterdir()):
         return out
     raise UsageError(f"{where} {_what(out)}; --overwrite replaces only a folder {WRITERS[kind]} wrote "

@@ -51,20 +51,22 @@ def overwrite_trial(work: Path, steps: int, reference_run: Path, train, steps_on
     (runs / "notes.txt").write_text("mine")
     adapter = finished / "adapter"
     live = runs / "live"
-    proc = train(live, steps * 4, wait=False)  # long enough to be alive while merge is pointed at it
+    live_steps = steps * 10  # long enough to be alive while merge is pointed at it
+    proc = train(live, live_steps, wait=False)
     deadline = time.time() + 300
     while not (live / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     finished_before = _digest(finished)
-    attempts = [_cli("merge", str(adapter), str(out), "--overwrite") for out in (finished, runs, live, adapter)]
-    alive_during = proc.poll() is None
+    at_live = _cli("merge", str(adapter), str(live), "--overwrite")
+    alive_during = proc.poll() is None and "live run" in at_live.stderr
+    attempts = [at_live, *(_cli("merge", str(adapter), str(out), "--overwrite") for out in (finished, runs, adapter))]
     made = _cli("quantize", "tiny-llama", str(work / "q4"))
     attempts.append(_cli("quantize", str(work / "q4"), str(work / "q4"), "--overwrite"))
     proc.communicate(timeout=900)
     merged = work / "merged"
     again = [_cli("merge", str(adapter), str(merged), *flag) for flag in ((), ("--overwrite",))]
     ok = (all(_refused(r) for r in attempts) and alive_during and proc.returncode == 0
-          and steps_once(live, steps * 4) and _digest(finished) == finished_before
+          and steps_once(live, live_steps) and _digest(finished) == finished_before
           and (runs / "notes.txt").read_text() == "mine" and made.returncode == 0
           and all(r.returncode == 0 for r in again))
     return ok, None
