@@ -64,3 +64,17 @@ def test_a_resume_at_the_final_step_logs_its_last_eval_once(killed):
     assert [r["step"] for r in evals] == [r["step"] for r in evals_before] == [0, 2, 4]
     assert " at 0 tokens/s" not in result.stdout and "tokens/s" in result.stdout
     assert (killed / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_without_a_checkpoint_names_overwrite(tmp_path):
+    """A run killed before its first checkpoint: --resume says that --overwrite starts it afresh."""
+    from test_train import TINY
+
+    run = tmp_path / "killed-early"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(TINY.read_text())
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 10.8}\n')
+    result = run_cli("train", str(TINY), f"output.dir={run}", "--resume")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "has no complete checkpoint to resume from" in line and "--overwrite" in line and "afresh" in line
