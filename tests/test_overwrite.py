@@ -116,7 +116,7 @@ def test_train_overwrite_refuses_a_merged_folder(made, tmp_path):
     (merged / "recipe.yaml").write_text("{}\n")  # merge copies a run's recipe: it must not look like a run
     before = tree(merged)
     result = run_cli("train", str(TINY), f"output.dir={merged}", "--overwrite")
-    assert result.returncode == 2 and "holds no qlora run" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "holds a merged model, not a run" in result.stderr, result.stderr[-2000:]
     assert tree(merged) == before
 
 

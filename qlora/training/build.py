@@ -59,7 +59,10 @@ def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> tuple[Path, bool, Path |
     if not cfg.output.overwrite:
         raise UsageError(f"output.dir {str(run_dir)!r} already exists; pass --overwrite "
                          "(or output.overwrite=true), --resume, or choose another output.dir")
-    if written_kind(run_dir) is not None or not RunDir(run_dir).is_run():  # a merged model copies recipe.yaml
+    if written_kind(run_dir) is not None:  # a merged model holds its run's recipe.yaml
+        raise UsageError(f"output.dir {str(run_dir)!r} holds a {written_kind(run_dir)} model, not a run; "
+                         "refusing to delete it with --overwrite")
+    if not RunDir(run_dir).is_run():
         raise UsageError(f"output.dir {str(run_dir)!r} is not empty and holds no qlora run "
                          f"({' / '.join(MARKERS)}); refusing to delete it with --overwrite")
     return run_dir, True, None
