@@ -52,6 +52,7 @@ def test_every_integer_key_has_a_lower_bound(key, value):
     assert value == 0 and key in ZERO_MEANS, f"{key}={value} is accepted"
 
 
+@pytest.mark.slow  # a tiny training run through the CLI (~25 s on 2 shared cores)
 def test_a_run_with_every_zero_that_means_something(tmp_path):
     from test_train import TINY, home, run_cli  # noqa: F401
 
