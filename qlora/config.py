@@ -104,6 +104,10 @@ class LoraConfig(Section):
     """Which linears get adapters: `all-linear` (every linear but the skipped ones), a list of
     module names or name suffixes (`[q_proj, v_proj]`), or a regex over full names prefixed
     `re:` (`re:.*\\.(q|v)_proj`)."""
+    target_parameters: Union[str, list[str]] = field(default_factory=list)
+    """Fused mixture-of-experts weights that get adapters (PEFT's `target_parameters`):
+    `all-experts`, or parameter-name suffixes (`[mlp.experts.gate_up_proj, mlp.experts.down_proj]`).
+    Empty: none. Expert LoRA takes no dropout (set `dropout: 0`), as in PEFT."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     dtype: Dtype = "bf16"
@@ -173,7 +177,8 @@ class LoraConfig(Section):
                                   self.orth_reg_weight) if self.use_adalora else None
         return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                         use_rslora=self.use_rslora, dtype=self.dtype, use_dora=self.use_dora,
-                        init=self.init, loftq_iters=self.loftq_iters, adalora=adalora)
+                        init=self.init, loftq_iters=self.loftq_iters, adalora=adalora,
+                        target_parameters=self.target_parameters)
 
 
 @dataclass
