@@ -104,6 +104,9 @@ class AdapterSet:
         if spec.use_dora:
             raise UsageError(f"{path}: a DoRA adapter (use_dora); AdapterSet swaps LoRA adapters only "
                              "(load a DoRA adapter alone with qlora.adapters.peft_format.load_adapter)")
+        if spec.target_parameters:
+            raise UsageError(f"{path}: an adapter on fused experts (target_parameters); AdapterSet swaps linear "
+                             "LoRA adapters only (load it alone with qlora.adapters.peft_format.load_adapter)")
         pairs = lora_pairs(read_adapter_weights(path))
         self._wrap(list(pairs), Path(path))
         self.adapters[name] = LoadedAdapter(spec, Path(path), {

@@ -273,7 +273,7 @@ def load_model(
             f"needs, e.g. {missing[:5]}"
         )
     stacked = {f for f, pieces in sources.pieces.items() if len(pieces) > 1 or f in expert_weight_names(model)}
-    names = {f: pieces[0].key for f, pieces in sources.pieces.items() if f not in stacked}
+    names = {f: sources.pieces[f][0].key for f in expected if f not in stacked}  # in model order
     linears = {fqn for fqn, m in model.named_modules() if _plain_linear(m) and fqn != tied_head}
     prequantised = {f for f in linears if any(k.startswith(names[f"{f}.weight"] + ".quant_state.") for k in files)}
     quantise = set() if stored_4bit or quant is None else {f for f in linears if not name_matches(f, skip_modules)}

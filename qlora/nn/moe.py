@@ -38,7 +38,8 @@ from torch import nn
 
 from qlora.nn.adapter import Role
 from qlora.nn.experts4bit import Experts4bit
-from qlora.nn.lora import _check_hyperparameters, lora_delta, plus_update
+from qlora.errors import UsageError
+from qlora.nn.lora import _check_hyperparameters, add_delta, lora_delta, plus_update
 
 IMPLEMENTATION = "qlora"
 _ACTIVE: contextvars.ContextVar[tuple["ExpertLoRA", ...]] = contextvars.ContextVar("qlora_expert_lora", default=())
@@ -131,6 +132,19 @@ def use_qlora_experts(model: nn.Module) -> int:
     return len(modules)
 
 
+def expert_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int,
+                   e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_e (r, in), B_e (out, r)) of expert ``e`` from PEFT's lora_A (r*E, in) and lora_B (out, r*E)."""
+    r = lora_A.shape[0] // num_experts
+    return lora_A[e * r : (e + 1) * r], lora_B[:, e::num_experts]
+
+
+def expert_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int, scaling: float) -> torch.Tensor:
+    """The fp32 (E, out, in) update s * B_e @ A_e of every expert."""
+    return torch.stack([lora_delta(*expert_factors(lora_A, lora_B, num_experts, e), scaling)
+                        for e in range(num_experts)])
+
+
 def _innermost(module: nn.Module) -> nn.Module:
     while isinstance(module, ExpertLoRA):
         module = module.base_layer
@@ -185,7 +199,7 @@ class ExpertLoRA(nn.Module):
 
     def factors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_e (r, in), B_e (out, r)) of expert ``e``."""
-        return self.lora_A.weight[e * self.r : (e + 1) * self.r], self.lora_B.weight[:, e :: self.num_experts]
+        return expert_factors(self.lora_A.weight, self.lora_B.weight, self.num_experts, e)
 
     def add_update(self, y: torch.Tensor, x: torch.Tensor, e: int) -> torch.Tensor:
         """y + s * (x A_e.T) B_e.T for expert e's routed tokens."""
@@ -201,13 +215,31 @@ class ExpertLoRA(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The fp32 (E, out, in) update, expert by expert (nn.Linear orientation)."""
-        return torch.stack([lora_delta(*self.factors(e), self.scaling) for e in range(self.num_experts)])
+        return expert_delta(self.lora_A.weight, self.lora_B.weight, self.num_experts, self.scaling)
+
+    @torch.no_grad()
+    def merged_experts(self, dtype: torch.dtype) -> nn.Module:
+        """The experts module with every adapter of this chain folded into 16-bit weights:
+        W_e' = round(dequant(W_e) + s B_e A_e) per expert (fp32 sum, one rounding), in the
+        module's own layout; the module is changed in place and returned, unwrapped."""
+        layers, module = [], self
+        while isinstance(module, ExpertLoRA):
+            layers.append(module)
+            module = module.base_layer
+        for layer in layers:
+            weight = torch.stack([expert_weight(module, layer.parameter_name, e).float()
+                                  for e in range(layer.num_experts)])
+            merged = add_delta(weight, layer.delta_weight(), dtype)
+            merged = merged.transpose(1, 2).contiguous() if module.is_transposed else merged
+            module._modules.pop(layer.parameter_name, None)  # a 4-bit store, if it was one
+            module._parameters[layer.parameter_name] = nn.Parameter(merged, requires_grad=False)
+        return module
 
     def merge(self) -> None:
-        raise NotImplementedError("expert adapters merge through qlora.adapters.merge (a new weight)")
+        raise UsageError("ExpertLoRA.merge: expert adapters are folded by merged_experts() (a new weight)")
 
     def unmerge(self) -> None:
-        raise NotImplementedError("expert adapters are never merged in place")
+        raise UsageError("ExpertLoRA.unmerge: expert adapters are never merged in place")
 
     def extra_repr(self) -> str:
         return (f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, r={self.r}, "
