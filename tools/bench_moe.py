@@ -62,6 +62,22 @@ def build(args: argparse.Namespace):
     return peer_cfg, peer, ours
 
 
+def make_model(folder: Path) -> Path:
+    """A random Mixtral whose experts dominate its weights (hidden 256, 8 experts of intermediate 1024,
+    top-2, 4 layers, SmolLM2's tokenizer), saved in the hub's per-expert layout, for
+    `tools/bench_train.py --model FOLDER --recipe recipes/tiny_moe_smoke.yaml`."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from qlora.hf.embedded import TINY_LLAMA, _copy_tokenizer
+
+    shape = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=8, num_experts_per_tok=2))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    _copy_tokenizer(folder)
+    return folder
+
+
 def routing(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(tokens, experts, generator=g)
@@ -106,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-busy", type=float, default=0.25)
     p.add_argument("--max-wait", type=float, default=60.0)
+    p.add_argument("--make-model", type=Path, metavar="DIR",
+                   help="only write the training benchmark's MoE model folder to DIR (see make_model)")
     args = p.parse_args(argv)
+    if args.make_model:
+        print(f"wrote {make_model(args.make_model)}")
+        return 0
     from bench_quant import wait_until_quiet
 
     torch.set_num_threads(args.threads)

@@ -74,8 +74,11 @@ def expert_weight(module: nn.Module, name: str, e: int) -> torch.Tensor:
     return weight[e].t() if module.is_transposed else weight[e]
 
 
-def _project(module: nn.Module, name: str, x: torch.Tensor, e: int, adapters: list["ExpertLoRA"]) -> torch.Tensor:
-    """x @ W_e.T (+ bias_e) (+ each active adapter's update) for the routed tokens x of expert e."""
+def _project(module: nn.Module, name: str, x: torch.Tensor, e: int, updates: list) -> torch.Tensor:
+    """x @ W_e.T (+ bias_e) (+ each active adapter's update) for the routed tokens x of expert e.
+
+    ``updates``: (parameter name, per-expert A's, per-expert B's, scaling) of the active adapters.
+    """
     weight = getattr(module, name)
     if isinstance(weight, Experts4bit):
         y = weight.linear(x, e)
@@ -83,16 +86,19 @@ def _project(module: nn.Module, name: str, x: torch.Tensor, e: int, adapters: li
         y = F.linear(x, weight[e].t() if module.is_transposed else weight[e])
     if module.has_bias:
         y = y + getattr(module, f"{name}_bias")[e].to(y.dtype)
-    for adapter in adapters:
-        if adapter.parameter_name == name:
-            y = adapter.add_update(y, x, e)
+    for target, lora_A, lora_B, scaling in updates:
+        if target == name:
+            y = plus_update(y, F.linear(x.to(lora_A[e].dtype), lora_A[e]), lora_B[e], scaling)
     return y
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """The "qlora" experts implementation (see module docstring): (T, H) -> (T, H)."""
-    adapters = [a for a in _ACTIVE.get() if a.experts is self and not a.disabled]
+    # Note: the per-expert factors come from one `unbind` per adapter and step, whose backward is
+    # one stack; slicing lora_A / lora_B per expert would give E full-size gradient buffers.
+    updates = [(a.parameter_name, *a.per_expert_factors(), a.scaling)
+               for a in _ACTIVE.get() if a.experts is self and not a.disabled]
     num_tokens, k = top_k_index.shape
     slots = top_k_index.reshape(-1)
     order = torch.argsort(slots, stable=True)  # (T*k,) slots grouped by expert
@@ -103,9 +109,9 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        h = _project(self, up, x[start : start + n], e, adapters)
+        h = _project(self, up, x[start : start + n], e, updates)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        outputs.append(_project(self, "down_proj", h, e, adapters))
+        outputs.append(_project(self, "down_proj", h, e, updates))
         start += n
     y = torch.cat(outputs)
     if getattr(self, "has_post_expert_norm", False):
@@ -201,10 +207,11 @@ class ExpertLoRA(nn.Module):
         """(A_e (r, in), B_e (out, r)) of expert ``e``."""
         return expert_factors(self.lora_A.weight, self.lora_B.weight, self.num_experts, e)
 
-    def add_update(self, y: torch.Tensor, x: torch.Tensor, e: int) -> torch.Tensor:
-        """y + s * (x A_e.T) B_e.T for expert e's routed tokens."""
-        lora_A, lora_B = self.factors(e)
-        return plus_update(y, F.linear(x.to(lora_A.dtype), lora_A), lora_B, self.scaling)
+    def per_expert_factors(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(A_0 .. A_{E-1}) each (r, in) and (B_0 .. B_{E-1}) each (out, r), as views (see `factors`)."""
+        lora_A = self.lora_A.weight.view(self.num_experts, self.r, self.in_features).unbind(0)
+        lora_B = self.lora_B.weight.view(self.out_features, self.r, self.num_experts).permute(2, 0, 1).unbind(0)
+        return lora_A, lora_B
 
     def forward(self, *args, **kwargs):
         token = _ACTIVE.set(_ACTIVE.get() + (self,))
