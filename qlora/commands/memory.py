@@ -1,10 +1,11 @@
 """`qlora memory MODEL|RECIPE`: plan the peak memory of a QLoRA training step and say if it fits a GPU.
 
-MODEL is a built-in name (`llama-65b`, `qwen2.5-7b`, ...; see `qlora memory --help`) or a path to
-a LLaMA-style or mixture-of-experts `config.json` (`qlora.memory.moe`); a near miss (`llama3_8b`) gets a did-you-mean. RECIPE (a .yaml file,
-with `key=value` overrides as for `qlora train`) plans exactly what `qlora train RECIPE` would
-run: its LoRA, quantisation, batch, sequence length, checkpointing, optimiser and loss; planner
-options that the recipe decides are refused there. The defaults of the options follow the
+MODEL is a built-in name (`llama-65b`, `qwen2.5-7b`, `mixtral-8x7b`, ...; see `qlora memory --help`)
+or a path to a LLaMA-style or mixture-of-experts `config.json` (`qlora.memory.moe`); a near miss
+(`llama3_8b`) gets a did-you-mean. RECIPE (a .yaml file, with `key=value` overrides as for
+`qlora train`) plans exactly what `qlora train RECIPE` would run: its LoRA (expert LoRA too),
+quantisation, batch, sequence length, checkpointing, optimiser and loss; planner options that the
+recipe decides are refused there. The defaults of the options follow the
 trainer's (chunked loss of 1024 tokens). Prints an itemised table; `--json PATH` writes the same
 numbers (including `total_bytes` and `fits`). GPU sizes are GiB, as CUDA reports them (a "48 GB"
 card has 48 GiB).
