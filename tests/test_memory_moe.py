@@ -262,3 +262,11 @@ def test_recipe_with_a_moe_model_folder(tmp_path, capsys):
     assert f"shape from {tmp_path / 'model' / 'config.json'}" in capsys.readouterr().out
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["details"]["expert_lora_parameters"] == 16 * 16 * 64 * (1024 + 2048)  # r * layers * E * (in+out)
+
+
+def test_gpt_oss_is_planned_with_eager_attention():
+    """transformers' gpt-oss has no SDPA path (`_supports_sdpa = False`: attention sinks)."""
+    sdpa, eager = _plan("gpt-oss-20b"), _plan("gpt-oss-20b", attention="eager")
+    assert sdpa.breakdown == eager.breakdown and "no SDPA path" in sdpa.notes["activations"]
+    assert sdpa.breakdown["attention_mask"] == 2 * 2048 ** 2  # eager's bf16 b x s x s mask
+    assert _plan("mixtral-8x7b").breakdown != _plan("mixtral-8x7b", attention="eager").breakdown

@@ -29,6 +29,10 @@ Activations, per token of one decoder layer (what autograd keeps; frozen 4-bit m
   router_logits: the (tokens x E) logits of every sparse layer, counted in fp32, stay alive to the
   loss for the load-balancing term (`output_router_logits`).
 
+Attention: a family without an SDPA path in transformers (gpt-oss: attention sinks) is planned with
+eager attention whatever `--attention` says (conservative where a flash-attention kernel with sinks
+is installed).
+
 Workspaces: the dense linears' dequantisation (2 x the largest linear, as in the dense plan) and the
 routed-experts workspace: one expert matrix dequantised at a time in the compute dtype (the 4-bit
 experts store decodes only experts that received tokens, one matrix after another). The routed
@@ -36,6 +40,8 @@ tokens' own activations are in the layer's set above.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from qlora.errors import UsageError
 from qlora.memory.configs import ModelShape
@@ -174,6 +180,8 @@ def layer_grad_token_bytes(model: ModelShape, s: PlanSettings, sparse: bool) -> 
 def plan_moe(model: ModelShape, s: PlanSettings) -> MemoryPlan:
     """Itemised peak memory of one QLoRA step of a MoE `model` under `s` (module docstring)."""
     targets = expert_lora_targets(model, s.lora_target_parameters)
+    if s.attention == "sdpa" and not model.moe.sdpa:
+        s = dataclasses.replace(s, attention="eager")  # what transformers runs for it
     spec, c, lb, T = model.moe, DTYPE_BYTES[s.compute_dtype], DTYPE_BYTES[s.lora_dtype], s.tokens
     sparse = set(spec.moe_layers)
     per_layer = [layer_token_bytes(model, s, layer in sparse, {p for t, p in targets if t == layer})
@@ -214,7 +222,8 @@ def plan_moe(model: ModelShape, s: PlanSettings) -> MemoryPlan:
                                   f"{s.optimizer} states of the expert adapters"),
         **({"adalora_scores": (8 * (sum(linear_sizes) + sum(expert_sizes)), "AdaLoRA: 2 fp32 averages per adapter weight")}
            if s.adalora else {}),
-        "activations": (saved[s.grad_checkpointing], f"{ckpt}, {s.attention} attention"),
+        "activations": (saved[s.grad_checkpointing], f"{ckpt}, {s.attention} attention"
+                        + ("" if spec.sdpa else " (the family has no SDPA path in transformers)")),
         "router_logits": (len(sparse) * T * spec.num_experts * 4, "tokens x experts fp32 logits of every sparse "
                           "layer, kept for the load-balancing loss"),
         "attention_mask": (attention_mask_bytes(s), f"b x s x s {s.attention} mask kept for the recomputation"),

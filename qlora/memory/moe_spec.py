@@ -61,6 +61,9 @@ class MoeSpec:
     """Per-token width of the extra RMSNorms inside attention (q/k norms, MLA's latent norms)."""
     extra_layer_params: int = 0
     """Other unquantised parameters per layer: those norms' weights, gpt-oss's attention sinks."""
+    sdpa: bool = True
+    """False where transformers has no SDPA path for the family (gpt-oss's attention sinks:
+    `_supports_sdpa = False`); the plan then counts eager attention's seq x seq probabilities."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "experts_per_token", "moe_intermediate_size"):
@@ -90,7 +93,7 @@ def moe_spec_from_config(config: dict, name: str = "config") -> MoeSpec | None:
         shared_expert_gate=bool(config.get("shared_expert_intermediate_size")) and not shared,
         expert_bias=family == "gpt_oss", router_bias=family == "gpt_oss",
         router_fp32=family.startswith("deepseek"), attention_linears=attention, attention_widths=widths,
-        norm_width=norm_width, extra_layer_params=extra)
+        norm_width=norm_width, extra_layer_params=extra, sdpa=family != "gpt_oss")
 
 
 def _sparse_layers(config: dict) -> tuple[int, ...]:
