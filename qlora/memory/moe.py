@@ -145,7 +145,7 @@ def _linear_lora_bytes(model: ModelShape, s: PlanSettings, sparse: bool, o_input
     return sum(inputs.values()) + c * s.lora_r * len(targeted)
 
 
-def _experts_bytes(model: ModelShape, s: PlanSettings, lora_params: set[str]) -> int:
+def experts_token_bytes(model: ModelShape, s: PlanSettings, lora_params: set[str]) -> int:
     """Per-token bytes of the router, the k routed expert passes and the shared experts."""
     c, h, spec = DTYPE_BYTES[s.compute_dtype], model.hidden_size, model.moe
     m, k, experts = spec.moe_intermediate_size, spec.experts_per_token, spec.num_experts
@@ -164,7 +164,7 @@ def layer_token_bytes(model: ModelShape, s: PlanSettings, sparse: bool, lora_par
     c, h = DTYPE_BYTES[s.compute_dtype], model.hidden_size
     norms = 2 * (4 * h + 4) + 4 * model.moe.norm_width
     attention, o_input = _attention_bytes(model, s)
-    mlp = _experts_bytes(model, s, lora_params) if sparse else 3 * c * model.intermediate_size
+    mlp = experts_token_bytes(model, s, lora_params) if sparse else 3 * c * model.intermediate_size
     return norms + attention + mlp + _linear_lora_bytes(model, s, sparse, o_input)
 
 
