@@ -29,7 +29,10 @@ Activations, per token of one decoder layer (what autograd keeps; frozen 4-bit m
   router_logits: the (tokens x E) logits of every sparse layer, counted in fp32, stay alive to the
   loss for the load-balancing term (`output_router_logits`).
 
-Attention: a family without an SDPA path in transformers (gpt-oss: attention sinks) is planned with
+Attention: with unequal q/k and v head widths (DeepSeek's 192 / 128) torch's CPU SDPA falls back to
+its math path, which keeps fp32 copies of q, k, v and the fp32 seq x seq probabilities:
+4*(q + k + v) + 4*heads*seq per token (measured); CUDA's memory-efficient kernel takes unequal
+widths and keeps what the dense plan counts. A family without an SDPA path in transformers (gpt-oss: attention sinks) is planned with
 eager attention whatever `--attention` says (conservative where a flash-attention kernel with sinks
 is installed).
 
@@ -125,6 +128,8 @@ def _attention_bytes(model: ModelShape, s: PlanSettings) -> tuple[int, int]:
     """(per-token attention bytes, width of o_proj's saved input) as in the dense plan."""
     c, heads = DTYPE_BYTES[s.compute_dtype], model.num_attention_heads
     q, k, v, o = model.moe.attention_widths or (model.q_dim, model.kv_dim, model.kv_dim, model.q_dim)
+    if s.attention == "sdpa" and s.device == "cpu" and k != v:  # torch's CPU math fallback, in fp32
+        return 4 * (q + k + v) + 4 * heads * s.seq_len, o
     if s.attention == "sdpa":
         return c * (q + k + v) + c * o + 4 * heads, 0  # o_proj reads SDPA's saved output
     repeat = heads // model.num_key_value_heads
@@ -145,27 +150,37 @@ def _linear_lora_bytes(model: ModelShape, s: PlanSettings, sparse: bool, o_input
     return sum(inputs.values()) + c * s.lora_r * len(targeted)
 
 
-def experts_token_bytes(model: ModelShape, s: PlanSettings, lora_params: set[str]) -> int:
-    """Per-token bytes of the router, the k routed expert passes and the shared experts."""
+def experts_token_bytes(model: ModelShape, s: PlanSettings) -> int:
+    """Per-token bytes of the router, the k routed expert passes and the shared experts (no LoRA)."""
     c, h, spec = DTYPE_BYTES[s.compute_dtype], model.hidden_size, model.moe
     m, k, experts = spec.moe_intermediate_size, spec.experts_per_token, spec.num_experts
     router = (4 if spec.router_fp32 else c) * experts + 4 * experts + (8 + c) * k
-    per_pass = 3 * c * m + c * h
-    mask = 1 if s.device == "cuda" else 0
-    for p in lora_params:
-        n_in = expert_matrices(model)[p][0]
-        per_pass += c * s.lora_r + ((c + mask) * n_in if s.lora_dropout > 0 else c * n_in)
     shared = 3 * c * spec.shared_intermediate_size + (c if spec.shared_expert_gate else 0)
-    return router + k * per_pass + shared
+    return router + k * (3 * c * m + c * h) + shared
 
 
-def layer_token_bytes(model: ModelShape, s: PlanSettings, sparse: bool, lora_params: set[str]) -> int:
-    """Bytes autograd keeps per token in one decoder layer (module docstring)."""
+def expert_lora_token_bytes(model: ModelShape, s: PlanSettings, lora_params: set[str]) -> int:
+    """Per-token lora_A outputs and inputs of the expert adapters in one layer, k passes each."""
+    c, mask = DTYPE_BYTES[s.compute_dtype], 1 if s.device == "cuda" else 0
+    inputs = [expert_matrices(model)[p][0] for p in lora_params]
+    per_pass = sum(c * s.lora_r + ((c + mask) * n_in if s.lora_dropout > 0 else c * n_in) for n_in in inputs)
+    return model.moe.experts_per_token * per_pass
+
+
+def frozen_layer_token_bytes(model: ModelShape, s: PlanSettings, sparse: bool) -> tuple[int, int]:
+    """(per-token bytes autograd keeps in one decoder layer without adapters, o_proj's input width)."""
     c, h = DTYPE_BYTES[s.compute_dtype], model.hidden_size
     norms = 2 * (4 * h + 4) + 4 * model.moe.norm_width
     attention, o_input = _attention_bytes(model, s)
-    mlp = experts_token_bytes(model, s, lora_params) if sparse else 3 * c * model.intermediate_size
-    return norms + attention + mlp + _linear_lora_bytes(model, s, sparse, o_input)
+    mlp = experts_token_bytes(model, s) if sparse else 3 * c * model.intermediate_size
+    return norms + attention + mlp, o_input
+
+
+def layer_token_bytes(model: ModelShape, s: PlanSettings, sparse: bool, lora_params: set[str]) -> int:
+    """Bytes autograd keeps per token in one decoder layer with its adapters (module docstring)."""
+    frozen, o_input = frozen_layer_token_bytes(model, s, sparse)
+    experts = expert_lora_token_bytes(model, s, lora_params) if sparse else 0
+    return frozen + experts + _linear_lora_bytes(model, s, sparse, o_input)
 
 
 def layer_grad_token_bytes(model: ModelShape, s: PlanSettings, sparse: bool) -> int:
