@@ -79,6 +79,8 @@ FAMILIES = {  # tiny configs exercising each layout rule: sparse steps, dense la
     "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40,
                       shared_expert_intermediate_size=80, mlp_only_layers=[0]),
     "olmoe": dict(num_experts=6, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),  # block_sparse_moe.experts.*
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, attention_bias=True),  # LayerNorms with biases
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, attention_bias=True),
     "deepseek_v2": dict(n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=2,
                         first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -100,9 +102,11 @@ def test_tiny_family_shapes_match_transformers_modules(family):
     assert shape.num_parameters() == model.num_parameters()
     spec = shape.moe
     for index, layer in enumerate(model.model.layers):
-        experts = getattr(layer.mlp, "experts", None)
+        experts = getattr(getattr(layer, spec.block), "experts", None)
         assert (index in spec.moe_layers) == (experts is not None), index
-        linears = {n: (m.in_features, m.out_features) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        linears = {n: (m.in_features, m.out_features) for n, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n != f"{spec.block}.router"}  # PhiMoE's router is a
+        # Linear; the plan keeps every router in 16 bits apart from the quantised linears
         assert linears == layer_linears(shape, index in spec.moe_layers), index
         if experts is not None:
             for name, (n_in, n_out) in expert_matrices(shape).items():

@@ -50,7 +50,6 @@ from qlora.errors import UsageError
 from qlora.memory.configs import ModelShape
 from qlora.memory.moe_spec import (
     ALL_EXPERTS,
-    EXPERT_PARAMETERS,
     expert_matrices,
     layer_linears,
     parameter_counts,
@@ -89,14 +88,14 @@ def expert_lora_targets(model: ModelShape, targets: tuple[str, ...]) -> list[tup
     if model.moe is None:
         raise UsageError(f"lora.target_parameters {list(targets)!r}: {model.name} is a dense model with no "
                          "fused expert parameters; expected [] (empty)")
-    names = {(layer, p): f"model.layers.{layer}.{p}" for layer in model.moe.moe_layers for p in EXPERT_PARAMETERS}
+    names = {(layer, p): f"model.layers.{layer}.{p}" for layer in model.moe.moe_layers for p in expert_matrices(model)}
     chosen = set()
     for entry in targets:
         hits = set(names) if entry == ALL_EXPERTS else {key for key, full in names.items()
                                                          if full == entry or full.endswith("." + entry)}
         if not hits:
             raise UsageError(f"lora.target_parameters entry {entry!r} matches no expert parameter of {model.name}; "
-                             f"expected {ALL_EXPERTS!r} or a suffix of {', '.join(EXPERT_PARAMETERS)}")
+                             f"expected {ALL_EXPERTS!r} or a suffix of {', '.join(expert_matrices(model))}")
         chosen |= hits
     return sorted(chosen)
 

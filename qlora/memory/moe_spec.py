@@ -2,9 +2,10 @@
 
 In transformers 5 every MoE family keeps its routed experts in two fused 3-D parameters per sparse
 layer, `mlp.experts.gate_up_proj` (experts, 2 x moe_intermediate, hidden) and `mlp.experts.down_proj`
-(experts, hidden, moe_intermediate); gpt-oss stores them transposed and adds per-expert biases. The
-router (`mlp.gate`, `mlp.router` in gpt-oss) is a plain (experts, hidden) parameter, not an
-`nn.Linear`; DeepSeek keeps it in fp32 (`_keep_in_fp32_modules_strict`). Shared experts (DeepSeek's
+(experts, hidden, moe_intermediate); gpt-oss stores them transposed and adds per-expert biases; the
+Granite-MoE family names the block `block_sparse_moe`. The router (`mlp.gate`, `mlp.router`) holds an
+(experts, hidden) weight (an `nn.Linear` only in PhiMoE); the plan keeps every router in 16 bits,
+apart from the quantised linears, and DeepSeek's in fp32 (`_keep_in_fp32_modules_strict`). Shared experts (DeepSeek's
 `shared_experts`, Qwen2-MoE's `shared_expert` and its sigmoid `shared_expert_gate`) and the dense MLPs
 of non-sparse layers are ordinary linears.
 
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from qlora.errors import UsageError
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-"""The fused 3-D expert parameters of one sparse layer, as named inside `model.layers.N`."""
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
+"""The fused 3-D expert parameters of one sparse block (`MoeSpec.block`: `mlp.experts.gate_up_proj`)."""
 ALL_EXPERTS = "all-experts"
 
 
@@ -61,6 +62,10 @@ class MoeSpec:
     """Per-token width of the extra RMSNorms inside attention (q/k norms, MLA's latent norms)."""
     extra_layer_params: int = 0
     """Other unquantised parameters per layer: those norms' weights, gpt-oss's attention sinks."""
+    block: str = "mlp"
+    """The sparse block's name inside `model.layers.N` (`block_sparse_moe` in the Granite-MoE family)."""
+    norm_bias: bool = False
+    """The decoder's norms are LayerNorms with biases (PhiMoE), not RMSNorms."""
     sdpa: bool = True
     """False where transformers has no SDPA path for the family (gpt-oss's attention sinks:
     `_supports_sdpa = False`); the plan then counts eager attention's seq x seq probabilities."""
@@ -93,7 +98,8 @@ def moe_spec_from_config(config: dict, name: str = "config") -> MoeSpec | None:
         shared_expert_gate=bool(config.get("shared_expert_intermediate_size")) and not shared,
         expert_bias=family == "gpt_oss", router_bias=family == "gpt_oss",
         router_fp32=family.startswith("deepseek"), attention_linears=attention, attention_widths=widths,
-        norm_width=norm_width, extra_layer_params=extra, sdpa=family != "gpt_oss")
+        norm_width=norm_width, extra_layer_params=extra, sdpa=family != "gpt_oss",
+        block="block_sparse_moe" if family.startswith("granitemoe") else "mlp", norm_bias=family == "phimoe")
 
 
 def _sparse_layers(config: dict) -> tuple[int, ...]:
@@ -150,9 +156,11 @@ def _mlp(prefix: str, h: int, width: int) -> dict[str, tuple[int, int]]:
 
 
 def expert_matrices(shape) -> dict[str, tuple[int, int]]:
-    """(in, out) of ONE expert's 2-D matrix in each fused parameter (each is quantised on its own)."""
-    h, width = shape.hidden_size, shape.moe.moe_intermediate_size
-    return {EXPERT_PARAMETERS[0]: (h, 2 * width), EXPERT_PARAMETERS[1]: (width, h)}
+    """(in, out) of ONE expert's 2-D matrix in each fused parameter (each is quantised on its own),
+    by the parameter's name inside `model.layers.N` (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)."""
+    h, width, block = shape.hidden_size, shape.moe.moe_intermediate_size, shape.moe.block
+    gate_up, down = (f"{block}.{name}" for name in EXPERT_PARAMETERS)
+    return {gate_up: (h, 2 * width), down: (width, h)}
 
 
 def layer_kinds(shape) -> dict[bool, int]:
@@ -171,8 +179,8 @@ def _bias_params(shape, sparse: bool) -> int:
         sizes = shape.bias_sizes()
         attention = sum(sizes[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     mlp = sum(o for n, (_, o) in linears.items() if n.startswith("mlp.")) if shape.mlp_bias else 0
-    experts = spec.num_experts * sum(o for _, o in expert_matrices(shape).values()) if sparse and spec.expert_bias else 0
-    return attention + mlp + experts
+    expert_outputs = sum(o for _, o in expert_matrices(shape).values())
+    return attention + mlp + (spec.num_experts * expert_outputs if sparse and spec.expert_bias else 0)
 
 
 def router_params(shape) -> int:
@@ -189,7 +197,8 @@ def parameter_counts(shape) -> dict[str, int]:
     linears = {k: sum(i * o for i, o in layer_linears(shape, k).values()) for k in kinds}
     biases = {k: _bias_params(shape, k) for k in kinds}
     embedding = shape.vocab_size * h
-    norms = (2 * shape.num_hidden_layers + 1) * h + shape.num_hidden_layers * spec.extra_layer_params
+    norms = ((2 * shape.num_hidden_layers + 1) * h * (1 + spec.norm_bias)  # weights (and LayerNorm biases)
+             + shape.num_hidden_layers * spec.extra_layer_params)
     experts = kinds[True] * spec.num_experts * per_expert
     unquantised = (embedding * (1 if shape.tie_word_embeddings else 2) + norms + router_params(shape)
                    + sum(n * biases[k] for k, n in kinds.items()))
