@@ -324,3 +324,16 @@ def test_decoder_layer_activations_match_autograd(family, extra):
     settings = PlanSettings(seq_len=tokens, device="cpu")
     planned = tokens * frozen_layer_token_bytes(model_shape_from(config), settings, sparse=True)[0]
     assert planned / measured == pytest.approx(1.0, abs=0.04)
+
+
+def test_attention_matches_the_dense_plan_on_a_dense_layer():
+    """A dense layer of a MoE shape (DeepSeek's first layer) and the dense plan's LLaMA layer of the
+    same widths keep the same bytes per token, with and without LoRA dropout, SDPA and eager."""
+    from qlora.memory.moe import layer_token_bytes
+    from qlora.memory.plan import layer_activation_bytes
+
+    mixtral = BUILTIN_MODELS["mixtral-8x7b"]
+    dense = dataclasses.replace(mixtral, moe=None)
+    for attention, dropout in (("sdpa", 0.0), ("eager", 0.0), ("sdpa", 0.05), ("eager", 0.1)):
+        s = PlanSettings(lora_r=16, seq_len=512, attention=attention, lora_dropout=dropout)
+        assert 512 * layer_token_bytes(mixtral, s, sparse=False, lora_params=set()) == layer_activation_bytes(dense, s)

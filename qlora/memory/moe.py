@@ -132,7 +132,7 @@ def _attention_bytes(model: ModelShape, s: PlanSettings) -> tuple[int, int]:
     if s.attention == "sdpa":
         return c * (q + k + v) + c * o + 4 * heads, 0  # o_proj reads SDPA's saved output
     repeat = heads // model.num_key_value_heads
-    return c * (q + repeat * (k + v)) + (4 + c) * heads * s.seq_len + c * o, o
+    return c * (q + repeat * (k + v)) + (4 + c) * heads * s.seq_len, o  # o_proj's input: only for its LoRA
 
 
 def _linear_lora_bytes(model: ModelShape, s: PlanSettings, sparse: bool, o_input: int) -> int:
