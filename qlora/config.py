@@ -105,9 +105,11 @@ class LoraConfig(Section):
     module names or name suffixes (`[q_proj, v_proj]`), or a regex over full names prefixed
     `re:` (`re:.*\\.(q|v)_proj`)."""
     target_parameters: Union[str, list[str]] = field(default_factory=list)
-    """Fused mixture-of-experts weights that get adapters (PEFT's `target_parameters`):
-    `all-experts`, or parameter-name suffixes (`[mlp.experts.gate_up_proj, mlp.experts.down_proj]`).
-    Empty: none. Expert LoRA takes no dropout (set `dropout: 0`), as in PEFT."""
+    """Mixture-of-experts: fused 3-D expert parameters that get LoRA (PEFT's `target_parameters`):
+    `all-experts` (every one) or parameter names / name suffixes (`[mlp.experts.gate_up_proj,
+    mlp.experts.down_proj]`). Each (experts, out, in) parameter gets lora_A (r*experts, in) and
+    lora_B (out, r*experts). Empty: no expert LoRA. Expert LoRA takes no dropout (set
+    `dropout: 0`), as in PEFT."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     dtype: Dtype = "bf16"
@@ -161,6 +163,9 @@ class LoraConfig(Section):
         else:
             self._require(self.targets == "all-linear" or self.targets.startswith("re:"), "targets",
                           "expected 'all-linear', a list of module names, or 're:<regex>'")
+        self._require(self.target_parameters == "all-experts" if isinstance(self.target_parameters, str)
+                      else all(t.strip() for t in self.target_parameters), "target_parameters",
+                      "expected 'all-experts' or a list of expert parameter names (mlp.experts.gate_up_proj, ...)")
 
     def _check_adalora(self) -> None:
         self._require(self.target_r <= self.r, "target_r", f"AdaLoRA's target rank must be <= lora.r "

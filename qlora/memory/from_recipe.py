@@ -3,7 +3,8 @@
 `qlora memory RECIPE` plans from these: the recipe's model shape (its folder's config.json, or a
 built-in shape when the folder is not on this machine yet), LoRA rank and targets, quantisation,
 micro-batch and sequence length, gradient checkpointing, optimiser, attention and the chunked or
-full loss, all as `qlora train` would use them.
+full loss, all as `qlora train` would use them; for a mixture-of-experts model also the expert LoRA
+of `lora.target_parameters` (`qlora.memory.moe`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSetting
     if not recipe.quant.enabled:
         raise UsageError("quant.enabled is false: the planner models a 4-bit base (QLoRA) only")
     chunk = recipe.train.loss_chunk_size
+    experts = recipe.lora.target_parameters
     fields = dict(
         lora_r=recipe.lora.r, lora_targets=_recipe_targets(recipe.lora.targets), lora_dropout=recipe.lora.dropout,
+        lora_target_parameters=(experts,) if isinstance(experts, str) else tuple(experts),
         lora_dtype=recipe.lora.dtype, adalora=recipe.lora.use_adalora, seq_len=recipe.data.max_length, micro_batch=recipe.train.micro_batch_size,
         grad_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.optim.name,
         compute_dtype=recipe.model.dtype, quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,

@@ -105,6 +105,8 @@ class PlanSettings:
     lora_r: int = 64
     lora_targets: tuple[str, ...] = LINEAR_NAMES
     """Linear layers that get adapters; default all seven ("all-linear")."""
+    lora_target_parameters: tuple[str, ...] = ()
+    """Fused 3-D expert parameters with LoRA (`lora.target_parameters`; `qlora.memory.moe`)."""
     lora_dropout: float = 0.0
     lora_dtype: str = "bf16"
     adalora: bool = False
@@ -135,6 +137,7 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "lora_target_parameters", tuple(self.lora_target_parameters))
         for name in ("lora_r", "seq_len", "micro_batch", "loss_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -340,6 +343,10 @@ def plan_memory(config: dict | ModelShape, settings: PlanSettings | None = None)
     """Itemised peak memory of one QLoRA training step of `config` under `settings`."""
     model = config if isinstance(config, ModelShape) else shape_from_config(config)
     s = settings if settings is not None else PlanSettings()
+    if model.moe is not None or s.lora_target_parameters:
+        from qlora.memory.moe import plan_moe  # imports this module
+
+        return plan_moe(model, s)
     c, lora_bytes = DTYPE_BYTES[s.compute_dtype], DTYPE_BYTES[s.lora_dtype]
     lora_sizes = lora_tensor_sizes(model, s)
     lora_params = sum(lora_sizes)
