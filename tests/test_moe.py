@@ -225,3 +225,24 @@ def test_expert_lora_wrappers_nest_as_peft(folders):
     assert isinstance(outer, ExpertLoRA) and outer.parameter_name == "down_proj"
     assert isinstance(outer.base_layer, ExpertLoRA) and outer.base_layer.parameter_name == "gate_up_proj"
     assert outer.lora_A.weight.shape == (2 * 4, 128) and outer.lora_B.weight.shape == (64, 2 * 4)
+
+
+@pytest.mark.parametrize("router_logits", [False, True])
+def test_loss_adds_the_load_balancing_term_as_transformers_does(tmp_path, router_logits):
+    from transformers import AutoModelForCausalLM
+
+    from qlora.nn.loss import CausalLMLoss
+
+    folder = save_tiny("mixtral", tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "output_router_logits": router_logits,
+                                                    "router_aux_loss_coef": 0.5}))
+    ours = load_model(folder, quant=None, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = tokens()
+    mask = torch.ones_like(ids)
+    total, count = CausalLMLoss(ours)(ids, mask, ids.clone())
+    expected = ref(input_ids=ids, attention_mask=mask, labels=ids).loss
+    torch.testing.assert_close(total / count, expected, rtol=1e-5, atol=1e-5)
+    plain = ref(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=False).loss
+    assert (total / count - plain).abs() > 1e-3 if router_logits else torch.allclose(total / count, plain)

@@ -185,6 +185,9 @@ def _build_tiny_llama(out: Path) -> None:
     _copy_tokenizer(out)
 
 
+TINY_MIXTRAL = dict(TINY_LLAMA, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
 def _build_tiny_mixtral(out: Path) -> None:
     """tiny-llama's shape with a 4-expert, top-2 MoE MLP, saved by transformers in the hub's
     per-expert layout (``block_sparse_moe.experts.3.w1.weight``), so loading it exercises the
@@ -192,7 +195,7 @@ def _build_tiny_mixtral(out: Path) -> None:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(**TINY_LLAMA, num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(**{k: v for k, v in TINY_MIXTRAL.items() if k != "model_type"})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = MixtralForCausalLM(config).to(torch.bfloat16)

@@ -22,7 +22,7 @@ def recipe_shape(recipe) -> tuple[ModelShape, str]:
 
     Tried in order: a local folder with config.json; a built-in shape of that name (`smollm2-135m`,
     or a folder named after its model such as `models/Meta-Llama-3-8B`, which need not exist yet);
-    the built-in test model `tiny-llama`.
+    the built-in test models `tiny-llama` and `tiny-mixtral`.
     """
     name = recipe.model.name_or_path
     config = os.path.join(os.path.expanduser(name), "config.json")
@@ -33,10 +33,11 @@ def recipe_shape(recipe) -> tuple[ModelShape, str]:
     if shape is not None:
         where = "" if shape.name == name else f" ({name} is not on this machine)"
         return shape, f"built-in shape {shape.name}{where}"
-    if name == "tiny-llama":
-        from qlora.hf.embedded import TINY_LLAMA
+    if name in ("tiny-llama", "tiny-mixtral"):
+        from qlora.hf.embedded import TINY_LLAMA, TINY_MIXTRAL
 
-        return shape_from_config(TINY_LLAMA, name=name), "the built-in test model"
+        config = TINY_LLAMA if name == "tiny-llama" else TINY_MIXTRAL
+        return shape_from_config(config, name=name), "the built-in test model"
     raise UsageError(f"model.name_or_path {name!r}: no local folder with config.json and no built-in shape of that "
                      f"name{did_you_mean(name)}; pass --model with one of {', '.join(BUILTIN_MODELS)} or a "
                      "config.json")
