@@ -246,3 +246,41 @@ def test_loss_adds_the_load_balancing_term_as_transformers_does(tmp_path, router
     torch.testing.assert_close(total / count, expected, rtol=1e-5, atol=1e-5)
     plain = ref(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=False).loss
     assert (total / count - plain).abs() > 1e-3 if router_logits else torch.allclose(total / count, plain)
+
+
+def test_tiny_moe_recipe_through_the_cli_writes_an_adapter_peft_loads(tmp_path, offline):
+    """The shipped MoE smoke recipe, end to end: train, then PEFT reads the adapter with our logits,
+    and `qlora eval` / `qlora merge` take it."""
+    import subprocess
+    import sys
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from qlora.adapters.peft_format import load_adapter
+    from qlora.hf.embedded import builtin_folder
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_moe_smoke.yaml"
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "qlora.cli", "train", str(recipe), f"output.dir={run}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    folder = builtin_folder("tiny-mixtral")
+    ours = load_model(folder, quant=None, dtype=torch.float32)
+    load_adapter(ours, run / "adapter", dtype="fp32")
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                            run / "adapter").eval()
+    ids = tokens(vocab=49152)
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (a - base).abs().max() > 1e-3  # the adapter changes the model
+    merged = subprocess.run([sys.executable, "-m", "qlora.cli", "merge", str(run / "adapter"), str(tmp_path / "m")],
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    with torch.no_grad():
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(m, a, rtol=0, atol=0.05)  # bf16 merged weights
