@@ -284,3 +284,12 @@ def test_tiny_moe_recipe_through_the_cli_writes_an_adapter_peft_loads(tmp_path, 
     with torch.no_grad():
         m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)(ids).logits
     torch.testing.assert_close(m, a, rtol=0, atol=0.05)  # bf16 merged weights
+
+
+def test_quantize_refuses_fused_experts_and_writes_nothing(tmp_path):
+    from qlora.hf.export import quantize_folder
+
+    folder = save_tiny("mixtral", tmp_path / "m")
+    with pytest.raises(UsageError, match="experts store.*qlora merge"):
+        quantize_folder(str(folder), tmp_path / "q")
+    assert not (tmp_path / "q").exists()
