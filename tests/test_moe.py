@@ -293,3 +293,53 @@ def test_quantize_refuses_fused_experts_and_writes_nothing(tmp_path):
     with pytest.raises(UsageError, match="experts store.*qlora merge"):
         quantize_folder(str(folder), tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_adapter_set_hot_swaps_expert_adapters(folders, tmp_path):
+    from qlora.adapters.multi import AdapterSet
+
+    folder = folders["mixtral"]
+    spec = LoraSpec(r=2, alpha=4, dropout=0.0, targets=("q_proj",), dtype="fp32", target_parameters="all-experts")
+    ids, logits = tokens(), {}
+    for seed in (2, 3):  # two adapters, each saved with the logits it gives
+        model = load_model(folder, quant=None, dtype=torch.float32)
+        apply_lora(model, spec)
+        randomise_lora_b(model, seed=seed)
+        save_adapter(model, tmp_path / f"a{seed}", spec, str(folder))
+        with torch.no_grad():
+            logits[seed] = model(ids).logits
+    model = load_model(folder, quant=None, dtype=torch.float32)
+    with torch.no_grad():
+        base = model(ids).logits
+    adapters = AdapterSet(model, "fp32")
+    for seed in (2, 3):
+        adapters.load_adapter(tmp_path / f"a{seed}", f"a{seed}")
+    with torch.no_grad():
+        for name, want in (("a2", logits[2]), ("a3", logits[3]), (None, base), ("a2", logits[2])):
+            adapters.set_adapter(name)
+            torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="fused experts"):
+        with adapters.mixed(["a2", "a3"]):
+            pass
+
+
+def test_combine_keeps_expert_targets_and_refuses_rank_mixing_methods(folders, tmp_path):
+    from qlora.adapters.combine import combine_adapters
+
+    folder = folders["mixtral"]
+    spec = LoraSpec(r=2, alpha=4, dropout=0.0, targets=("q_proj",), dtype="fp32", target_parameters="all-experts")
+    model = load_model(folder, quant=None, dtype=torch.float32)
+    apply_lora(model, spec)
+    randomise_lora_b(model)
+    save_adapter(model, tmp_path / "a", spec, str(folder))
+    for method, density in (("cat", None), ("svd", None), ("dare_linear_svd", 0.5)):
+        with pytest.raises(UsageError, match="factor method"):
+            combine_adapters([tmp_path / "a", tmp_path / "a"], [0.5, 0.5], tmp_path / method, method, density=density)
+        assert not (tmp_path / method).exists()
+    combine_adapters([tmp_path / "a", tmp_path / "a"], [0.5, 0.5], tmp_path / "lin", "linear")
+    config = json.loads((tmp_path / "lin" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    fresh = load_model(folder, quant=None, dtype=torch.float32)
+    from qlora.adapters.peft_format import load_adapter
+
+    load_adapter(fresh, tmp_path / "lin", dtype="fp32")  # the combined adapter fits the experts

@@ -26,8 +26,11 @@ ALL_EXPERTS = "all-experts"
 
 
 def expert_targets(model: nn.Module, target_parameters: str | tuple[str, ...]) -> dict[str, list[str]]:
-    """Experts module name -> the parameters to adapt, innermost first."""
-    modules = {fqn: m for fqn, m in model.named_modules() if is_experts(m)}
+    """Experts module name -> the parameters to adapt, innermost first.
+
+    An experts module already wrapped in `ExpertLoRA`s is named by its outermost wrapper.
+    """
+    modules = {_unwrapped_name(fqn): m for fqn, m in model.named_modules() if is_experts(m)}
     available = sorted({f"{fqn.rpartition('.')[2]}.{name}" for fqn, m in modules.items()
                         for name in expert_parameter_names(m)})
     if target_parameters == ALL_EXPERTS:
@@ -49,6 +52,12 @@ def expert_targets(model: nn.Module, target_parameters: str | tuple[str, ...]) -
             if name not in chosen.setdefault(fqn, []):
                 chosen[fqn].append(name)
     return chosen
+
+
+def _unwrapped_name(fqn: str) -> str:
+    while fqn.endswith(".base_layer"):
+        fqn = fqn.removesuffix(".base_layer")
+    return fqn
 
 
 def _refuse_variants(spec: LoraSpec) -> None:

@@ -98,8 +98,8 @@ def _use_saved_base(cfg: RecipeConfig, adapters: dict[str, Path]) -> None:
 
 
 class OneAdapter:
-    """One adapter loaded into the model's own adapter layers (DoRA or expert LoRA, which `AdapterSet`
-    cannot hot-swap), with `AdapterSet`'s `adapters` / `active` / `set_adapter` (on or off)."""
+    """One adapter loaded into the model's own adapter layers (DoRA, which `AdapterSet` cannot
+    hot-swap), with `AdapterSet`'s `adapters` / `active` / `set_adapter` (on or off)."""
 
     def __init__(self, model: nn.Module, dtype: str) -> None:
         self.model, self.dtype = model, dtype
@@ -122,11 +122,6 @@ class OneAdapter:
         self.active = name
 
 
-def _loads_alone(spec) -> bool:
-    """DoRA and expert adapters load into the model's own layers (`AdapterSet` swaps linear LoRA)."""
-    return spec.use_dora or bool(spec.target_parameters)
-
-
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object, AdapterSet]:
     """(model in eval mode, tokenizer, its adapters): every adapter loaded, the first active."""
     from qlora.adapters.multi import AdapterSet
@@ -136,11 +131,11 @@ def load_for_inference(target: Target, device) -> tuple[nn.Module, object, Adapt
 
     cfg = target.cfg
     model = load_base_model(cfg, device)
-    alone = [name for name, folder in target.adapters.items() if _loads_alone(read_spec(folder)[0])]
-    if alone and len(target.adapters) > 1:
-        raise UsageError(f"--adapter: {alone} are DoRA or expert (target_parameters) adapters, which load one at "
-                         "a time (several adapters on one base are linear LoRA only); give one --adapter")
-    adapters = OneAdapter(model, cfg.lora.dtype) if alone else AdapterSet(model, cfg.lora.dtype)
+    dora = [name for name, folder in target.adapters.items() if read_spec(folder)[0].use_dora]
+    if dora and len(target.adapters) > 1:
+        raise UsageError(f"--adapter: {dora} are DoRA adapters, which load one at a time (several adapters "
+                         "on one base are LoRA only); give one --adapter")
+    adapters = OneAdapter(model, cfg.lora.dtype) if dora else AdapterSet(model, cfg.lora.dtype)
     for name, folder in target.adapters.items():
         adapters.load_adapter(folder, name)
     adapters.set_adapter(next(iter(target.adapters), None))
