@@ -166,6 +166,8 @@ class LoraConfig(Section):
         self._require(self.target_parameters == "all-experts" if isinstance(self.target_parameters, str)
                       else all(t.strip() for t in self.target_parameters), "target_parameters",
                       "expected 'all-experts' or a list of expert parameter names (mlp.experts.gate_up_proj, ...)")
+        self._require(not self.target_parameters or self.dropout == 0, "dropout",
+                      "must be 0 with lora.target_parameters (expert LoRA, as PEFT's ParamWrapper, has no dropout)")
 
     def _check_adalora(self) -> None:
         self._require(self.target_r <= self.r, "target_r", f"AdaLoRA's target rank must be <= lora.r "

@@ -12,6 +12,13 @@ on meta: non-persistent ones (rotary ``inv_freq``) are not in checkpoints, so th
 modules' own constructors on the CPU (they are tiny) and moved to the target device at the end. After
 loading, every parameter and buffer must be off ``meta``; anything left is an error naming it.
 
+Checkpoint names reach module names through transformers' own conversion mapping
+(`qlora.hf.convert`: dense renames such as gpt_neox's ``embed_out``, and mixture-of-experts
+checkpoints whose one-tensor-per-expert layout is stacked into fused 3-D parameters); those fused
+expert weights stream in expert by expert and are stored in 4 bits per expert
+(`qlora.hf.experts`, `qlora.nn.experts4bit.Experts4bit`). Checkpoint tensors that feed nothing
+are an error naming them, as is a checkpoint in a quantised format qlora does not read.
+
 Handled on the way: tied embeddings (the output projection is tied to the input embedding after
 loading and never quantised), checkpoint key prefixes (a checkpoint saved from the bare backbone, or
 with an extra ``model.`` prefix), GPT-2's ``Conv1D`` (weight stored (in, out): converted to an
