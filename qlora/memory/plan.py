@@ -251,8 +251,8 @@ def optimizer_state_bytes(numel: int, optimizer: str, param_bytes: int) -> int:
         return 2 * (numel + 4 * math.ceil(numel / OPTIM_BLOCK))
     if optimizer == "paged_adamw_32bit":
         return 2 * 4 * numel
-    if optimizer == "adamw":
-        return 2 * param_bytes * numel + 4
+    if optimizer == "adamw":  # qlora's AdamW: fp32 moments whatever the adapter dtype, a float64 step
+        return 2 * 4 * numel + 8
     raise UsageError(f"optimizer {optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
 
 
