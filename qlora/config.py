@@ -234,6 +234,8 @@ class TrainConfig(Section):
     """Passes over the training data, used when max_steps is null."""
     gradient_checkpointing: bool = True
     """Recompute decoder-layer activations in backward (less memory, ~30% more compute)."""
+    offload_activations: bool = False
+    """Keep each checkpointed layer's saved input in pinned host memory until its backward (CUDA: longer sequences fit, two PCIe copies per layer; a no-op on CPU)."""
     eval_every: int = 0
     """Evaluate every N optimiser steps (0: only before and after training)."""
     eval_steps: Optional[int] = None

@@ -112,6 +112,8 @@ class PlanSettings:
     seq_len: int = 512
     micro_batch: int = 1
     grad_checkpointing: bool = True
+    offload_activations: bool = False
+    """Checkpointed layers' inputs wait in host memory (`train.offload_activations`): two stay on the GPU."""
     optimizer: str = "paged_adamw_8bit"
     compute_dtype: str = "bf16"
     quant_type: str = "nf4"
@@ -299,8 +301,9 @@ def saved_activation_bytes(model: ModelShape, s: PlanSettings, grad_checkpointin
     """Activations alive through the whole backward: checkpointed layer inputs, or every layer's set."""
     c, T, h = DTYPE_BYTES[s.compute_dtype], s.tokens, model.hidden_size
     final_norm = T * (4 * h + 4)
-    if grad_checkpointing:
-        return model.num_hidden_layers * c * T * h + final_norm
+    if grad_checkpointing:  # with offloading: the input being restored and the one in use
+        layers = min(2, model.num_hidden_layers) if s.offload_activations else model.num_hidden_layers
+        return layers * c * T * h + final_norm
     return model.num_hidden_layers * layer_activation_bytes(model, s) + final_norm
 
 

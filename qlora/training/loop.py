@@ -60,6 +60,7 @@ from qlora.training.metrics import MetricsLogger
 from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
 from qlora.training.optim import check_available as check_optimizer
+from qlora.training.offload import activation_offload
 
 log = logging.getLogger("qlora")
 
@@ -172,6 +173,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             summary["eval_before"] = evaluator(0, " (before training)")
 
     batches = _micro_batches(train_loader)
+    offload = activation_offload(tc.offload_activations, rt.device)  # layer inputs to pinned host memory
     guard = StepGuard(tc.max_bad_steps)
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not rt.is_main, desc="train", unit="step")
@@ -186,7 +188,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         loss_total = torch.zeros((), device=rt.device)  # stays on the device: no sync per micro-batch
         for i, batch in enumerate(window):
             with gradient_sync(loss_fn, sync=i == len(window) - 1):
-                with phase("forward"):
+                with phase("forward"), offload:
                     loss_sum, _ = loss_fn(**{k: v.to(rt.device, non_blocking=True) for k, v in batch.items()})
                 with phase("backward"):
                     (loss_sum * scale + _penalty(hooks) / len(window)).backward()
