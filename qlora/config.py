@@ -182,7 +182,7 @@ class OptimConfig(Section):
 
     name: Literal[choices.OPTIMIZERS] = "paged_adamw_8bit"
     """bitsandbytes paged 8-bit AdamW (paging needs CUDA; on CPU it runs un-paged), 8-bit AdamW,
-    paged 32-bit AdamW, or torch AdamW."""
+    paged 32-bit AdamW, or qlora's AdamW (adamw: fp32 moments for bf16 adapters, needs no bitsandbytes)."""
     lr: float = 2e-4
     """Peak learning rate."""
     lora_plus_ratio: float = 1.0

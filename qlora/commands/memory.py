@@ -93,7 +93,8 @@ def _describe(recipe, s: PlanSettings) -> str:
     loss = f"chunked loss ({s.loss_chunk} tokens)" if s.loss == "chunked" else "full-logits loss"
     return (f"as `qlora train` runs it: LoRA r={s.lora_r} on {','.join(s.lora_targets)}, "
             f"{s.quant_type}{' + double quant' if s.double_quant else ''} block {s.blocksize}, "
-            f"{s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, {loss}, "
+            f"{s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}"
+            f"{' + activation offloading' if s.offload_activations else ''}, {loss}, "
             f"{s.attention} attention")
 
 

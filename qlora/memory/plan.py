@@ -18,8 +18,8 @@ r the LoRA rank, c the compute dtype's bytes (2 for bf16/fp16, 4 for fp32).
 LoRA: each targeted linear (n_in -> n_out) adds A (r x n_in) and B (n_out x r) in the LoRA dtype;
 their gradients have the same dtype. Optimiser states per tensor: bitsandbytes 8-bit Adam keeps two
 uint8 states plus one fp32 absmax per 256-element block for each state, but plain fp32 states for
-tensors under 4,096 elements; 32-bit bitsandbytes Adam keeps two fp32 states; torch AdamW keeps two
-states in the parameter's dtype plus an fp32 step. Paged optimisers may evict states to host memory
+tensors under 4,096 elements; 32-bit bitsandbytes Adam keeps two fp32 states; qlora's AdamW keeps two
+fp32 states whatever the adapters' dtype plus a float64 step. Paged optimisers may evict states to host memory
 under pressure; the plan counts them resident (the conservative case).
 
 Activations: the tensors autograd saves in one decoder layer of transformers' LlamaDecoderLayer

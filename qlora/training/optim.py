@@ -41,7 +41,7 @@ from qlora.training.adamw import AdamW
 
 log = logging.getLogger(__name__)
 
-# optim.name -> (bitsandbytes class on CUDA, bitsandbytes class off CUDA); None: torch AdamW
+# optim.name -> (bitsandbytes class on CUDA, bitsandbytes class off CUDA); None: qlora's AdamW
 _BNB_CLASSES = {
     "paged_adamw_8bit": ("PagedAdamW8bit", "AdamW8bit"),
     "adamw_8bit": ("AdamW8bit", "AdamW8bit"),
