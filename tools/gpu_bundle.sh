@@ -10,12 +10,13 @@
 #             and a trimmed bitsandbytes wheel
 #   site/     the same unpacked: on the GPU machine, `PYTHONPATH=OUT/site python tools/gpu_check.py`
 # bitsandbytes' wheel carries a CUDA library for every CUDA version (~100s of MB); only
-# libbitsandbytes_cuda$CUDA_VERSION.so (and the CPU library) is kept, a few MB.
+# libbitsandbytes_cuda$CUDA_VERSION.so (and the CPU library) is kept (a 7 MB wheel for 0.50.2 with CUDA 12.8).
 # Set PYVER (default: this python's, e.g. 311) to the GPU machine's Python version.
 set -euo pipefail
 CUDA_VERSION="${1:-128}"
 OUT="${2:-gpu-bundle}"
-PYVER="${PYVER:-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')}"
+PYTHON="${PYTHON:-python3}"
+PYVER="${PYVER:-$($PYTHON -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')}"
 BNB="${BNB_VERSION:-0.50.2}"
 PEFT="${PEFT_VERSION:-0.21.2}"
 mkdir -p "$OUT/wheels" "$OUT/site"
@@ -23,7 +24,7 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 # --no-deps: torch, transformers, numpy and their kin are on the GPU image already.
-python3 -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" \
+"$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --dest "$tmp" "bitsandbytes==$BNB" "peft==$PEFT" scipy accelerate
@@ -32,15 +33,15 @@ for wheel in "$tmp"/*.whl; do
   case "$(basename "$wheel")" in
     bitsandbytes-*)
       unpacked="$tmp/bnb"
-      python3 -m zipfile -e "$wheel" "$unpacked"
-      find "$unpacked/bitsandbytes" -name 'libbitsandbytes_cuda*.so' \
-          ! -name "libbitsandbytes_cuda${CUDA_VERSION}.so" -delete
+      "$PYTHON" -m zipfile -e "$wheel" "$unpacked"
+      find "$unpacked/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name 'libbitsandbytes_cpu.so' \
+          ! -name "libbitsandbytes_cuda${CUDA_VERSION}.so" -delete   # other CUDA, ROCm, XPU builds
       if ! ls "$unpacked/bitsandbytes/libbitsandbytes_cuda${CUDA_VERSION}.so" >/dev/null 2>&1; then
         echo "gpu_bundle: bitsandbytes $BNB has no libbitsandbytes_cuda${CUDA_VERSION}.so; choose another CUDA_VERSION" >&2
         exit 2
       fi
       # RECORD must not list the deleted libraries; then zip the tree back into a wheel.
-      python3 - "$unpacked" "$OUT/wheels/$(basename "$wheel")" <<'PY'
+      "$PYTHON" - "$unpacked" "$OUT/wheels/$(basename "$wheel")" <<'PY'
 import pathlib, sys, zipfile
 src, dest = pathlib.Path(sys.argv[1]), sys.argv[2]
 for record in src.glob("*.dist-info/RECORD"):
@@ -54,7 +55,7 @@ PY
       ;;
     *)
       cp "$wheel" "$OUT/wheels/"
-      python3 -m zipfile -e "$wheel" "$OUT/site"
+      "$PYTHON" -m zipfile -e "$wheel" "$OUT/site"
       ;;
   esac
 done
