@@ -199,3 +199,17 @@ def test_guard_resolves_pending_steps_at_once():
     assert len(guard.pending) == 4 and guard.resolve() is False
     assert guard.bad_total == 2 and guard.bad_in_a_row == 1 and not guard.pending
     assert opt.state[p]["step"].item() == 2  # only the finite steps were taken
+
+
+def test_an_optimiser_without_a_device_flag_gets_zero_gradients_on_a_bad_step():
+    """bitsandbytes' optimisers take no flag: a non-finite step becomes a zero-gradient step."""
+    from qlora.training.guard import guarded_step
+
+    p = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    p.grad = torch.full((4,), float("nan"))
+    guarded_step(opt, torch.tensor(float("nan")))
+    assert torch.equal(p.grad, torch.zeros(4)) and torch.equal(p.detach(), torch.ones(4))
+    p.grad = torch.ones(4)
+    guarded_step(opt, torch.tensor(2.0))
+    assert torch.allclose(p.detach(), torch.full((4,), 0.9))
