@@ -194,7 +194,7 @@ class OptimConfig(Section):
 
     name: Literal[choices.OPTIMIZERS] = "paged_adamw_8bit"
     """bitsandbytes paged 8-bit AdamW (paging needs CUDA; on CPU it runs un-paged), 8-bit AdamW,
-    paged 32-bit AdamW, or torch AdamW."""
+    paged 32-bit AdamW, or qlora's AdamW (adamw: fp32 moments for bf16 adapters, needs no bitsandbytes)."""
     lr: float = 2e-4
     """Peak learning rate."""
     lora_plus_ratio: float = 1.0
@@ -246,6 +246,8 @@ class TrainConfig(Section):
     """Passes over the training data, used when max_steps is null."""
     gradient_checkpointing: bool = True
     """Recompute decoder-layer activations in backward (less memory, ~30% more compute)."""
+    offload_activations: bool = False
+    """Keep each checkpointed layer's saved input in pinned host memory until its backward (CUDA: longer sequences fit, two PCIe copies per layer; a no-op on CPU)."""
     eval_every: int = 0
     """Evaluate every N optimiser steps (0: only before and after training)."""
     eval_steps: Optional[int] = None

@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
         p.add_argument(flag, **{**kwargs, "default": None})
     p.add_argument("--device", choices=DEVICES, default="cuda", help="cuda adds the CUDA context (default cuda)")
     p.add_argument("--gpu-gb", type=_positive_float, default=48.0, help="GPU memory in GiB (default 48)")
+    p.add_argument("--max-seq-len", action="store_true", help="also print the longest sequence that fits "
+                   "--gpu-gb, with and without activation offloading (train.offload_activations)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     p.set_defaults(run=run)
 
@@ -56,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
             grad_checkpointing=options["grad_ckpt"], optimizer=options["optim"], compute_dtype=options["dtype"],
             quant_type=options["quant"], blocksize=options["blocksize"], double_quant=options["double_quant"],
             attention=options["attention"], loss=options["loss"], loss_chunk=options["loss_chunk"],
-            device=args.device)
+            offload_activations=options["offload"], device=args.device)
     plan = plan_memory(shape, settings)
     gpu_bytes = int(args.gpu_gb * GIB)
     if note:
         print(f"{args.model}: {note}")
     print(format_table(plan, gpu_bytes))
+    if args.max_seq_len:
+        from qlora.memory.long_context import longest_sequences
+
+        print(longest_sequences(shape, settings, gpu_bytes))
     if args.json:
         write_json_atomic(args.json, plan.to_dict(gpu_bytes))
     return 0
@@ -90,7 +96,8 @@ def _describe(recipe, s: PlanSettings) -> str:
     experts = f" and experts ({','.join(s.lora_target_parameters)})" if s.lora_target_parameters else ""
     return (f"as `qlora train` runs it: LoRA r={s.lora_r} on {','.join(s.lora_targets)}{experts}, "
             f"{s.quant_type}{' + double quant' if s.double_quant else ''} block {s.blocksize}, "
-            f"{s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, {loss}, "
+            f"{s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}"
+            f"{' + activation offloading' if s.offload_activations else ''}, {loss}, "
             f"{s.attention} attention")
 
 
@@ -153,10 +160,12 @@ PLAN_OPTIONS = {  # planner options for a bare MODEL (a recipe sets them itself)
     "--loss": dict(choices=LOSSES, help="chunked loss (the trainer's default, train.loss_chunk_size) or full "
                                         "logits (default chunked)"),
     "--loss-chunk": dict(type=_positive_int, help="tokens per chunk for --loss chunked (default 1024)"),
+    "--offload-activations": dict(dest="offload", action="store_const", const=True,
+                                  help="checkpointed layer inputs in host memory (train.offload_activations)"),
 }
 _DEFAULTS = dict(lora_r=64, lora_targets=LINEAR_NAMES, lora_dropout=0.0, lora_target_parameters=(), seq_len=512,
                  batch=1, grad_ckpt=True, optim="paged_adamw_8bit", dtype="bf16", lora_dtype="bf16", quant="nf4", blocksize=64,
-                 double_quant=True, attention="sdpa", loss="chunked", loss_chunk=1024)
+                 double_quant=True, attention="sdpa", loss="chunked", loss_chunk=1024, offload=False)
 
 
 def _dest(flag: str, kwargs: dict) -> str:

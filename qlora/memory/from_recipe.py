@@ -61,6 +61,7 @@ def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSetting
         lora_target_parameters=(experts,) if isinstance(experts, str) else tuple(experts),
         lora_dtype=recipe.lora.dtype, adalora=recipe.lora.use_adalora, seq_len=recipe.data.max_length, micro_batch=recipe.train.micro_batch_size,
         grad_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.optim.name,
+        offload_activations=recipe.train.offload_activations,
         compute_dtype=recipe.model.dtype, quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant,
         attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
