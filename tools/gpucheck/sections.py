@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from gpucheck import quant_sections, train_sections
+from gpucheck import moe_sections, quant_sections, train_sections
 from gpucheck.common import Context, Row
 
 
@@ -29,6 +29,8 @@ SECTIONS = [
     Section("speed", quant_sections.speed, cuda_needs=("triton",)),
     Section("step", train_sections.training_step, needs=("transformers",)),
     Section("65b", train_sections.headline_65b, needs=("transformers",)),
+    Section("moe", moe_sections.expert_layer, needs=("transformers",)),
+    Section("moe-step", moe_sections.mixtral_step, needs=("transformers",)),
 ]
 
 

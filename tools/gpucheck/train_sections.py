@@ -122,14 +122,18 @@ def step_peer(config, ctx: Context, batch: int, seq: int, steps: int) -> dict:
 
 
 def plan_rows(section: str, config, ctx: Context, seq: int, batch: int, r: int, optimizer: str,
-              measured: int | None) -> list[Row]:
-    """The plan's allocated part against max_memory_allocated, and the CUDA context apart (module docstring)."""
+              measured: int | None, **settings_changes) -> list[Row]:
+    """The plan's allocated part against max_memory_allocated, and the CUDA context apart (module docstring).
+
+    `settings_changes`: PlanSettings fields the run set otherwise (expert LoRA, no dropout).
+    """
     from qlora.memory import PlanSettings, plan_memory, shape_from_config
 
     if not measured:
         return []
-    settings = PlanSettings(lora_r=r, seq_len=seq, micro_batch=batch, grad_checkpointing=True, optimizer=optimizer,
-                            loss="chunked", device="cuda" if ctx.cuda else "cpu", lora_dropout=0.05)
+    settings = PlanSettings(**{**dict(lora_r=r, seq_len=seq, micro_batch=batch, grad_checkpointing=True,
+                                      optimizer=optimizer, loss="chunked", device="cuda" if ctx.cuda else "cpu",
+                                      lora_dropout=0.05), **settings_changes})
     plan = plan_memory(shape_from_config(config.to_dict(), "check"), settings)
     context = plan.breakdown["framework_overhead"]
     allocated = plan.total_bytes - context - plan.breakdown["dequant_workspace"] // 2
