@@ -52,9 +52,17 @@ def test_embedded_tables_equal_the_scipy_build():
     assert codebook("nf4").tolist() == tables.NF4
 
 
+def test_moe_sections_at_toy_sizes(tmp_path):
+    rows, status = run(tmp_path, "moe,moe-step")
+    assert not [r for r in rows if r["name"] == "section failed"]
+    checked = {r["name"]: r["ok"] for r in rows if r["ok"] is not None}
+    assert checked == {"4-bit experts forward vs grouped_mm on the dequantised weights": True,
+                       "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap": True}
+
+
 def test_sections_are_one_list_of_named_functions():
     names = [s.name for s in SECTIONS]
-    assert names == ["exact", "bnb", "speed", "step", "65b"] and len(set(names)) == len(names)
+    assert names == ["exact", "bnb", "speed", "step", "65b", "moe", "moe-step"] and len(set(names)) == len(names)
     assert all(callable(s.run) for s in SECTIONS)
 
 
@@ -100,6 +108,7 @@ def test_smoke_passes_on_a_bare_image_from_a_plain_checkout(tmp_path):
 
 @pytest.mark.slow
 def test_every_section_runs(tmp_path):
-    rows, _ = run(tmp_path, "exact,bnb,speed,step,65b")
+    rows, _ = run(tmp_path, "exact,bnb,speed,step,65b,moe,moe-step")
     assert not [r for r in rows if r["name"] == "section failed"]
+    assert [r["ok"] for r in rows if r["section"] == "moe" and r["name"].startswith("4-bit experts forward")] == [True]
     assert any(r["section"] == "step" and r["name"] == "ours / peer tokens/s" for r in rows)
