@@ -140,13 +140,13 @@ def mixtral_step(ctx: Context) -> list[Row]:
         built = time.perf_counter() - t0
         result = step_ours(model, ctx, 1, seq, config.vocab_size, 1)
     except torch.OutOfMemoryError as err:
-        return [row("moe", "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap", False,
+        return [row("moe-step", "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap", False,
                     detail=f"out of memory: {err}")]
     finally:
         if ctx.cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, ctx.device)
-    rows = [row("moe", "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap", True, result["tokens_per_s"],
+    rows = [row("moe-step", "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap", True, result["tokens_per_s"],
                 "tokens/s", f"built + quantised on the device in {built:.0f} s; peak {gib(result['peak_bytes'])}; "
                 f"optimiser {result['optimizer']}; {seq} tokens")]
-    return rows + plan_rows("moe", config, ctx, seq, 1, 16, result["optimizer"], result["peak_bytes"],
+    return rows + plan_rows("moe-step", config, ctx, seq, 1, 16, result["optimizer"], result["peak_bytes"],
                             lora_dropout=0.0, lora_target_parameters=("all-experts",))
