@@ -33,6 +33,7 @@ MAX_COUNT = 10**9  # steps, epochs, intervals
 MAX_RANK = 8192  # LoRA rank: the hidden size of the largest models this tool targets
 MAX_BATCH = 65_536  # examples per micro-batch, micro-batches per step
 MAX_THREADS = 4096
+MAX_SEED = 2**32 - 1  # numpy's (and so datasets') seed range
 
 
 # ----------------------------------------------------------------------------- sections
@@ -295,8 +296,10 @@ class TrainConfig(Section):
             self._require_range(name, 1, MAX_COUNT)
         self._require(self.max_steps is not None or self.epochs is not None, "epochs",
                       "set train.max_steps or train.epochs")
-        for name in ("eval_every", "log_every", "save_every", "loss_chunk_size", "eval_samples"):
+        for name in ("eval_every", "save_every", "loss_chunk_size", "eval_samples"):
             self._require_range(name, 0, MAX_COUNT)
+        self._require_range("log_every", 1, MAX_COUNT)
+        self._require_range("seed", 0, MAX_SEED)
         self._require_range("threads", 1, MAX_THREADS)
         self._require(self.early_stopping_threshold >= 0, "early_stopping_threshold", "expected a number >= 0")
         self._require(self.early_stopping_patience is None or self.eval_every > 0, "early_stopping_patience",

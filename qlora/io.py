@@ -8,8 +8,9 @@ temporary sibling name and renamed into place the same way (`atomic_folder`), wi
 adapters and model folders are meant to be shared. Files and folders
 are fsynced before the rename and the parent folder after it, so a power cut cannot publish a name
 whose bytes never reached the disk. A run killed mid-write leaves its temporary names behind
-(`.NAME.XXXX.tmp` files, `.NAME.tmp-XXXX` / `.NAME.old-XXXX` folders); `remove_leftovers` deletes
-them at the next start, once the run folder's lock is held.
+(`.NAME.XXXX.tmp` files, `.NAME.tmp-<pid>_XXXX` / `.NAME.old-<pid>_XXXX` folders); `remove_leftovers`
+deletes them at the next start, once the run folder's lock is held, and `qlora.outputs` deletes a
+dead writer's ones beside a merge / quantize / combine output.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         raise UsageError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, named_os_errors(path):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -58,6 +59,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def named_os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError of the block that names no file (a write's ENOSPC) is raised again naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -78,13 +90,14 @@ def atomic_folder(final: str | Path, *, replace: bool = False) -> Iterator[Path]
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}_", dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
+        with named_os_errors(final):
+            yield tmp
         _fsync_tree(tmp)
         if replace and final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}_", dir=final.parent))
             os.replace(final, old / final.name)
             shutil.rmtree(old, ignore_errors=True)
         try:

@@ -139,36 +139,51 @@ def _merge_experts(model: nn.Module, dtype: torch.dtype) -> None:
                     stack.transpose(1, 2).contiguous() if module.is_transposed else stack, requires_grad=False)
 
 
+def check_finite_model(model: nn.Module, what: str) -> None:
+    """A UsageError naming the first floating tensor of `model` with a NaN or Inf."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UsageError(f"{what}: tensor {name!r} has {bad} non-finite value(s); nothing was written")
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,
-                  dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+                  dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, inputs: tuple = ()) -> Path:
     """Merge a PEFT LoRA adapter into its base and write a ``dtype`` HF folder (``qlora merge``).
 
     ``base`` defaults to the base saved in the adapter's run (`lora.init` changed it), else the
     adapter's ``base_model_name_or_path``. An unquantised base is loaded in
     ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised. Tokenizer files
-    saved with the adapter (a recipe's own chat template) replace the base's.
+    saved with the adapter (a recipe's own chat template) replace the base's. ``inputs`` are more
+    folders OUT must not be or hold (`qlora.outputs.check_destination`); a non-finite merged weight is
+    refused, naming it, before anything is written.
     """
-    from qlora.adapters.peft_format import load_adapter
+    from qlora.adapters.peft_format import load_adapter, read_adapter_weights
     from qlora.adapters.spec import read_peft_config
     from qlora.dtypes import hf_name, short_name
     from qlora.hf.export import write_model_folder
     from qlora.hf.files import copy_tokenizer_files
     from qlora.hf.folder import model_folder
     from qlora.hf.load import load_model
-    from qlora.io import atomic_folder, check_output
+    from qlora.io import atomic_folder
+    from qlora.outputs import check_destination, provenance, write_provenance
     from qlora.run_dir import RECIPE, find_recipe, saved_base
 
     adapter_dir = Path(adapter_dir)
-    out_dir = check_output(out_dir, overwrite)
     base = base or saved_base(adapter_dir) or read_peft_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
+    inputs = [adapter_dir, *inputs, *([base] if Path(base).is_dir() else [])]
+    out_dir = check_destination(out_dir, overwrite, "merged", inputs)
+    read_adapter_weights(adapter_dir)  # config and tensors checked before the base loads
     model = load_model(base, quant=None, dtype=dtype)
     load_adapter(model, adapter_dir, dtype=short_name(dtype))
     merge_lora(model, dtype)
+    check_finite_model(model, f"the merge of {adapter_dir}")
     recipe = find_recipe(adapter_dir)
     with atomic_folder(out_dir, replace=overwrite) as tmp:
         write_model_folder(model, tmp, model_folder(base), {"dtype": hf_name(dtype)})
+        write_provenance(tmp, provenance("merged", inputs))
         if (adapter_dir / "tokenizer_config.json").is_file():  # saved with a recipe's own chat template
             copy_tokenizer_files(adapter_dir, tmp)
         if recipe is not None:

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qlora.adapters.experts import expert_targets
+from qlora.adapters.fit import check_fits, shapes
 from qlora.adapters.peft_format import lora_pairs, read_adapter_weights
 from qlora.adapters.spec import LoraSpec, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE
@@ -107,6 +108,7 @@ class AdapterSet:
             raise UsageError(f"{path}: a DoRA adapter (use_dora); AdapterSet swaps LoRA adapters only "
                              "(load a DoRA adapter alone with qlora.adapters.peft_format.load_adapter)")
         pairs = lora_pairs(read_adapter_weights(path))
+        check_fits(self.model, shapes(pairs), spec.targets, path, spec.target_parameters)
         self._wrap_experts(spec, Path(path))
         self._wrap(list(pairs), Path(path))
         self.adapters[name] = LoadedAdapter(spec, Path(path), {

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from qlora.adapters.validate import check_config
 from qlora.errors import UsageError
 
 CONFIG_FILE = "adapter_config.json"
@@ -137,8 +138,10 @@ class LoraSpec:
         """The spec of a PEFT LoRA config, or a UsageError naming the first unsupported field.
 
         An AdaLoRA config reads as its LoRA equivalent (rank init_r, alpha so that alpha / r is
-        AdaLoRA's scaling), the form `read_adapter_weights` gives its tensors in.
+        AdaLoRA's scaling), the form `read_adapter_weights` gives its tensors in. Every field is
+        checked first (`qlora.adapters.validate`).
         """
+        check_config(config, source)
         if config.get("peft_type") == "ADALORA":
             from qlora.nn.adalora import PEFT_EPS
 
@@ -170,14 +173,17 @@ class LoraSpec:
 
 
 def read_peft_config(adapter_dir: str | Path) -> dict:
-    """The adapter folder's `adapter_config.json` as a dict (a UsageError when missing or not JSON)."""
+    """The adapter folder's `adapter_config.json` as a dict (a UsageError when missing, not JSON, or
+    a field qlora cannot use: `qlora.adapters.validate.check_config`)."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise UsageError(f"{adapter_dir}: no {CONFIG_FILE}; expected a PEFT LoRA adapter folder")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err})") from err
+    check_config(config, str(path))
+    return config
 
 
 def read_spec(adapter_dir: str | Path, dtype: str = "bf16") -> tuple[LoraSpec, dict]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qlora.errors import UsageError
+from qlora.hf.checks import check_tensor
 from qlora.hf.convert import Piece, Sources, expert_parts
 from qlora.nn.experts4bit import Experts4bit
 from qlora.nn.moe import expert_parameter_names, is_experts
@@ -29,6 +30,8 @@ from qlora.quant.format import QuantFormat
 
 
 class Reader(Protocol):
+    files: dict
+
     def get(self, key: str) -> torch.Tensor: ...
 
     def expert(self, key: str, e: int) -> torch.Tensor: ...
@@ -48,6 +51,7 @@ def _expert_slice(ckpt: Reader, pieces: list[Piece], e: int, want: tuple[int, ..
     else:
         parts = [ckpt.get(k) for k in grid[e]]
         key, tensor = grid[e][0], torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    check_tensor(key, ckpt.files[key], tensor, floating=True)
     if tuple(tensor.shape) != want:
         raise UsageError(f"checkpoint tensor {key!r} (expert {e} of {fqn!r}) has shape {tuple(tensor.shape)}, "
                          f"but the model expects {want} for every expert")

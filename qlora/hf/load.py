@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from qlora.errors import UsageError
+from qlora.hf.checks import check_tensor, check_unused, floating_names
 from qlora.hf.convert import checkpoint_sources
 from qlora.hf.experts import expert_weight_names, refuse_foreign_quantisation, stream_stacked
 from qlora.hf.files import tensor_nbytes, weight_files
@@ -169,6 +170,7 @@ def _stream(
     """Fill ``model`` module by module from ``ckpt`` (see module docstring)."""
     conv1d = set(model.qlora_conv1d)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    floating = floating_names(model)
     for owner, fqns in _group_by_module(names).items():
         tensors = {}
         for fqn in fqns:
@@ -177,6 +179,7 @@ def _stream(
                 continue  # read below, together with its quantisation state
             _check_shape(ckpt, key, fqn, shapes[fqn], owner in conv1d and leaf == "weight")
             tensor = ckpt.get(key)
+            check_tensor(key, ckpt.files[key], tensor, fqn in floating)
             tensor = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor  # cast on the host
             tensor = _to_device(tensor, device)
             tensors[leaf] = tensor.t().contiguous() if owner in conv1d and leaf == "weight" else tensor
@@ -292,7 +295,7 @@ def load_model(
 
     quant_parts = tuple(names[f"{f}.weight"] + "." for f in prequantised)  # read beside their weight
     reads = {p.key for pieces in sources.pieces.values() for p in pieces} | {k for k in files if k.startswith(quant_parts)}
-    _refuse_unused(folder, [k for k in sources.unused if k not in reads], tied_head)
+    check_unused(model, files, reads)
     experts_fmt = None if stored_4bit or quant is None or name_matches("experts", skip_modules) else quant
     nbytes = tensor_nbytes(files.values())
     with ExitStack() as stack:
@@ -312,17 +315,6 @@ def _plain_linear(module: nn.Module) -> bool:
     """An nn.Linear whose forward is nn.Linear's: a subclass computing more (Phi-MoE's router
     returns its top-k) keeps its 16-bit weight."""
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-
-
-def _refuse_unused(folder: Path, unused: list[str], tied_head: str | None) -> None:
-    """Exit 2 when checkpoint tensors feed nothing (a config with fewer layers than the weights...),
-    except a tied head's own copy, which transformers also drops."""
-    unused = [k for k in unused if tied_head is None or not k.rpartition(".")[0].endswith(tied_head)]
-    if unused:
-        raise UsageError(
-            f"{folder}: {len(unused)} checkpoint tensor(s) fit no parameter of the model its config.json "
-            f"describes, e.g. {unused[:5]} (a config for another model, or fewer layers than the weights?)"
-        )
 
 
 def _finish(model: nn.Module, device: torch.device) -> None:

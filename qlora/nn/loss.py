@@ -97,8 +97,9 @@ class CausalLMLoss(nn.Module):
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, target_positions)  # (N, H)
         targets = targets.index_select(0, target_positions)
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), self.chunk_size):
-            h, y = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]
+        size = self.chunk_size or max(targets.numel(), 1)  # 0: one chunk, no chunking
+        for start in range(0, targets.numel(), size):
+            h, y = hidden[start:start + size], targets[start:start + size]
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
             else:

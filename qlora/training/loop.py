@@ -50,13 +50,13 @@ from qlora.hf.folder import load_tokenizer
 from qlora.inference.generate import before_after
 from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
-from qlora.run_dir import RunDir
+from qlora.run_dir import RunDir, read_metrics
 from qlora.training.build import build_model, prepare_run_dir
 from qlora.training.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from qlora.training.evals import Evaluator
 from qlora.training.guard import StepGuard, inject_nan
 from qlora.training.lock import clear_run_dir, run_lock
-from qlora.training.metrics import MetricsLogger
+from qlora.training.metrics import MetricsLogger, logged_throughput
 from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
 from qlora.training.optim import check_available as check_optimizer
@@ -166,6 +166,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                           run_dir, spec, base_name, say=tqdm.write if rt.is_main else say)
     if checkpoint is not None and "best" in state:
         evaluator.best.load_state_dict(state["best"])
+    if checkpoint is not None and RunDir(run_dir).metrics.is_file():  # every rank: they evaluate together
+        evaluator.recall(read_metrics(run_dir), progress.step)
 
     summary: dict = {"run_dir": str(run_dir), "total_steps": total_steps}
     if eval_loader is not None and not resume:
@@ -239,6 +241,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     bar.close()
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
+    if progress.tokens == tokens_at_start and rt.is_main:  # resumed at the final step: nothing trained now
+        summary["train_tokens_per_s"] = logged_throughput(read_metrics(run_dir)) or 0.0
     summary["train_time_s"] = elapsed
 
     if rt.distributed:
