@@ -10,6 +10,10 @@ reference run of the same recipe:
 - kill -9: a run is killed with SIGKILL at a random moment after its first checkpoint appeared
   (sometimes mid-checkpoint), then continued with `--resume`. Survived: the resume exits 0 and
   metrics.jsonl holds each step once. Bit-identical: the final adapter's bytes equal the reference's.
+- SIGINT / SIGTERM: a run gets one of the two at a random moment after its first checkpoint
+  appeared; it must finish its step, write a checkpoint, name it in its last stderr line and exit
+  130 / 143; `--resume` continues from it. Survived: the exit status, the named checkpoint verifies
+  and the resumed metrics hold each step once. Bit-identical: as for kill -9.
 - corrupt newest checkpoint: a finished run's newest checkpoint gets a truncated adapter, a
   truncated trainer state or a flipped byte; `--resume` must skip it (naming it), continue from the
   one before and end with the reference's bytes.
@@ -97,6 +101,29 @@ def kill_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
     return ok, adapter_bytes(run) == reference
 
 
+def signal_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
+    from qlora.training.checkpoint import verify
+
+    run = work / "run"
+    proc = train(run, steps, wait=False)
+    deadline = time.time() + 600
+    while not list((run / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.5))
+    signum = rng.choice([signal.SIGINT, signal.SIGTERM])
+    if proc.poll() is None:
+        proc.send_signal(signum)
+    _, err = proc.communicate()
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    named = last.split("checkpoint ")[-1].split(" written")[0] if " written" in last else None
+    stopped = proc.returncode == 128 + signum and named is not None and verify(Path(named)) is None
+    if proc.returncode == 0:  # the signal came after the run had ended
+        return steps_once(run, steps), adapter_bytes(run) == reference
+    resumed = train(run, steps, "--resume")
+    ok = stopped and resumed.returncode == 0 and steps_once(run, steps)
+    return ok, adapter_bytes(run) == reference
+
+
 def corrupt_trial(work: Path, steps: int, reference_run: Path, reference: bytes, rng: random.Random):
     run = work / "run"
     shutil.copytree(reference_run, run)
@@ -157,6 +184,7 @@ def run_trials(trials: int, steps: int, seed: int, root: Path) -> list[tuple[str
     reference = adapter_bytes(reference_run)
     kinds = {
         "kill -9 + --resume": lambda w: kill_trial(w, steps, reference, rng),
+        "SIGINT / SIGTERM + --resume": lambda w: signal_trial(w, steps, reference, rng),
         "corrupt newest checkpoint + --resume": lambda w: corrupt_trial(w, steps, reference_run, reference, rng),
         "NaN gradient at one step": lambda w: nan_trial(w, steps, rng),
         "NaN streak (max_bad_steps=2) -> exit 3": lambda w: streak_trial(w, steps),

@@ -52,11 +52,12 @@ from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
 from qlora.run_dir import RunDir
 from qlora.training.build import build_model, prepare_run_dir
-from qlora.training.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from qlora.training.checkpoint import checkpoint_dir, load_checkpoint, load_optimizer_state, save_checkpoint
 from qlora.training.evals import Evaluator
 from qlora.training.guard import StepGuard, inject_nan
 from qlora.training.lock import clear_run_dir, run_lock
 from qlora.training.metrics import MetricsLogger
+from qlora.training.signals import GracefulStop
 from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -97,12 +98,12 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
     "load", "forward", "backward", "optimizer", "eval", "save". `rows` are the recipe's checked
     data rows when the caller read them already (`qlora.data.rows.load_rows`).
     """
-    with run_lock(Path(cfg.output.dir), enabled=runtime.process_rank() == 0):
-        return _train(cfg, resume, samples, phase, rows or load_rows(cfg.data))
+    with run_lock(Path(cfg.output.dir), enabled=runtime.process_rank() == 0), GracefulStop() as stop:
+        return _train(cfg, resume, samples, phase, rows or load_rows(cfg.data), stop)
 
 
 def _train(cfg: RecipeConfig, resume: bool, samples: int,
-           phase: Callable[[str], contextlib.AbstractContextManager], rows: Rows) -> dict:
+           phase: Callable[[str], contextlib.AbstractContextManager], rows: Rows, stop: GracefulStop) -> dict:
     tc = cfg.train
     rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
     run_dir, clear_old_run, checkpoint = prepare_run_dir(cfg, resume)
@@ -174,7 +175,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not rt.is_main, desc="train", unit="step")
     t_train, tokens_at_start = time.perf_counter(), progress.tokens
-    while progress.step < total_steps:
+    stop.arm(run_dir)  # SIGINT / SIGTERM: finish the step, checkpoint it, exit 130 / 143
+    while progress.step < total_steps and not stop.agreed:
         t0 = time.perf_counter()
         window = [next(batches) for _ in range(tc.grad_accum_steps)]  # micro-batches of this step
         local = [int((b["labels"][:, 1:] != -100).sum()) for b in window]
@@ -222,7 +224,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                 f"a loss below {evaluator.best.best_loss:.4f} - {tc.early_stopping_threshold:g}")
             summary["stopped_early_at"] = progress.step
             break
-        if tc.save_every and progress.step % tc.save_every == 0:
+        if stop.pending(rt) or (tc.save_every and progress.step % tc.save_every == 0):
             with phase("save"), full_parameters(loss_fn):
                 if not guard.can_checkpoint(model, progress.step):
                     continue
@@ -232,6 +234,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                          "hooks": [hook.state_dict() for hook in hooks], "best": evaluator.best.state_dict()}
                 save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt, keep=tc.keep_checkpoints)
     bar.close()
+    stop.finish(progress.step, checkpoint_dir(run_dir, progress.step))
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
     summary["train_time_s"] = elapsed
