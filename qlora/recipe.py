@@ -107,6 +107,14 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a YAML recipe, apply `section.field=value` overrides, and validate it."""
+    data = read_recipe(path)
+    for override in overrides or []:
+        apply_override(data, override)
+    return recipe_from_dict(data)
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of sections a YAML recipe file holds (checked to be one, not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"recipe file {str(path)!r} does not exist")
@@ -122,9 +130,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise UsageError(f"recipe file {str(path)!r} must hold a mapping of sections "
                          f"({', '.join(SECTIONS)}), got {type(data).__name__}")
-    for override in overrides or []:
-        apply_override(data, override)
-    return recipe_from_dict(data)
+    return data
 
 
 def recipe_to_dict(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:

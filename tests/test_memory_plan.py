@@ -411,7 +411,7 @@ def test_settings_from_recipe_maps_the_trainer_settings():
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_chat_cpu.yaml"
     s = settings_from_recipe(load_recipe(recipe), device="cpu")
     assert (s.lora_r, s.lora_targets, s.lora_dropout, s.seq_len, s.micro_batch) == (16, LINEAR_NAMES, 0.05, 256, 8)
-    assert (s.grad_checkpointing, s.optimizer, s.loss, s.loss_chunk, s.device) == (False, "paged_adamw_8bit",
+    assert (s.grad_checkpointing, s.optimizer, s.loss, s.loss_chunk, s.device) == (False, "adamw_8bit",
                                                                                  "chunked", 1024, "cpu")
     names = settings_from_recipe(load_recipe(recipe, ["lora.targets=[self_attn.q_proj, v_proj]"]))
     assert names.lora_targets == ("q_proj", "v_proj")

@@ -42,7 +42,9 @@ from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.surgery import trainable_summary
 from qlora.config import RecipeConfig
 from qlora.recipe import recipe_to_dict, save_recipe
-from qlora.data.formats import prompt_of
+from qlora.data.prompt_style import style_of_rows
+from qlora.display import TrainDisplay
+from qlora.data.samples import sample_prompts
 from qlora.data.loaders import make_dataloaders
 from qlora.data.rows import Rows, load_rows
 from qlora.errors import UsageError
@@ -79,10 +81,6 @@ def _micro_batches(loader):
             yield batch
         if not yielded:
             raise UsageError("the training data produced no batches")
-
-
-def _sample_prompts(rows: Rows, k: int) -> list[str]:
-    return [p for row in rows.eval.select(range(min(len(rows.eval), 4 * k))) if (p := prompt_of(row))][:k]
 
 
 def no_phases(name: str) -> contextlib.AbstractContextManager:
@@ -159,9 +157,11 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"
     k = max(samples, tc.eval_samples)
-    prompts = _sample_prompts(rows, k) if k and rt.is_main and not sharded else []
-    evaluator = Evaluator(tc, loss_fn, eval_loader, rt, metrics, model, tokenizer, prompts[:tc.eval_samples],
-                          run_dir, spec, base_name, say=tqdm.write if rt.is_main else say)
+    prompts = sample_prompts(rows, k) if k and rt.is_main and not sharded else []
+    style = style_of_rows(rows)  # how prompts are rendered at sample / generate time, saved with every adapter
+    evaluator = Evaluator(tc, loss_fn, eval_loader, rt, metrics, model, tokenizer,
+                          [p["prompt"] for p in prompts[:tc.eval_samples]], run_dir, spec, base_name,
+                          say=tqdm.write if rt.is_main else say, style=style)
     if checkpoint is not None and "best" in state:
         evaluator.best.load_state_dict(state["best"])
 
@@ -173,7 +173,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     batches = _micro_batches(train_loader)
     guard = StepGuard(tc.max_bad_steps)
     model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not rt.is_main, desc="train", unit="step")
+    bar = TrainDisplay(total_steps, progress.step, steps_per_epoch, tc.log_every, enabled=rt.is_main)
     t_train, tokens_at_start = time.perf_counter(), progress.tokens
     stop.arm(run_dir)  # SIGINT / SIGTERM: finish the step, checkpoint it, exit 130 / 143
     while progress.step < total_steps and not stop.agreed:
@@ -213,7 +213,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                       "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
                       "grad_norm": float(grad_norm), **hook_metrics, **({} if step_ok else {"skipped": True})}
             metrics.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.log(record)  # smoothed loss, lr, epoch, tokens/s, ETA
             summary["last_loss"] = record["loss"]
 
         if eval_loader is not None and tc.eval_every and progress.step % tc.eval_every == 0:
@@ -232,7 +232,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                          "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
                          "progress": {"step": progress.step, "tokens": progress.tokens},
                          "hooks": [hook.state_dict() for hook in hooks], "best": evaluator.best.state_dict()}
-                save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt, keep=tc.keep_checkpoints)
+                save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt, keep=tc.keep_checkpoints,
+                                tokenizer=tokenizer, prompt_style=style)
     bar.close()
     stop.finish(progress.step, checkpoint_dir(run_dir, progress.step))
     elapsed = time.perf_counter() - t_train
@@ -252,11 +253,10 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     with phase("save"), full_parameters(loss_fn):
         guard.check_final(model, progress.step)
         if rt.is_main:
-            save_adapter(model, RunDir(run_dir).adapter, spec, base_name,
-                         tokenizer=tokenizer if cfg.data.chat_template else None)
+            save_adapter(model, RunDir(run_dir).adapter, spec, base_name, tokenizer=tokenizer, prompt_style=style)
             summary["adapter"] = str(RunDir(run_dir).adapter)
     if prompts and samples:
-        summary["samples"] = before_after(model, tokenizer, prompts[:samples])
+        summary["samples"] = before_after(model, tokenizer, prompts[:samples], style=style)
     if rt.is_main:
         summary["loss_plot"] = _plot(run_dir)
     metrics.close()

@@ -1,0 +1,39 @@
+"""The held-out prompts that training answers before and after tuning, beside their references.
+
+A sample answer is the first thing a user sees of a run, so the prompts are chosen to show what
+the tuning taught, not the data set's most common reply: held-out rows are taken in their order,
+and a row is kept only when its question and its reference answer (the row's first assistant
+turn, or its completion) both differ from those already kept, compared case- and
+space-insensitively. In chatterbot-corpus many questions share a stock reply ("I am a human."):
+three prompts with three different references show whether the model learnt more than that.
+"""
+
+from __future__ import annotations
+
+from qlora.data.formats import prompt_of
+
+
+def reference_of(row: dict) -> str:
+    """The answer a canonical row holds: its first assistant turn, or its completion."""
+    answers = [m["content"] for m in row.get("messages") or [] if m.get("role") == "assistant"]
+    return (answers[0] if answers else row.get("completion") or "").strip()
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def sample_prompts(rows, k: int) -> list[dict]:
+    """Up to `k` {prompt, reference} pairs from the held-out rows (`qlora.data.rows.Rows.eval`),
+    with distinct prompts and distinct references (see the module docstring)."""
+    chosen: list[dict] = []
+    seen: set[str] = set()
+    for row in rows.eval.select(range(min(len(rows.eval), 50 * k))) if k else []:
+        prompt, reference = prompt_of(row), reference_of(row)
+        if not prompt or not reference or _key(prompt) in seen or _key(reference) in seen:
+            continue
+        seen |= {_key(prompt), _key(reference)}
+        chosen.append({"prompt": prompt, "reference": reference})
+        if len(chosen) == k:
+            break
+    return chosen
