@@ -100,6 +100,7 @@ def test_a_merged_folder_evaluates_as_its_run_on_the_same_rows(io_run, tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "scoring the eval split" in result.stderr and "data.eval_size=64" in result.stderr
         assert f"(eval, {run['eval_tokens']} tokens)" in result.stdout  # the run's held-out rows
+        assert "eval: 2/2 batches" in result.stderr  # progress while it works (stderr is no terminal here)
     assert f"loaded {merged} (16-bit); adapter: none; data settings from {merged / 'recipe.yaml'}" in as_merged.stderr
     assert f"loaded {quantised} (4-bit nf4); adapter: none" in as_4bit.stderr
     # The merged weights are the dequantised base plus the update, rounded once to bf16: within
