@@ -22,6 +22,7 @@ import yaml
 
 from qlora.config import SECTIONS, RecipeConfig
 from qlora.errors import UsageError
+from qlora.hf_names import key_hint
 from qlora.typecheck import coerce
 
 
@@ -43,7 +44,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unknown_key(path: str, key: str, allowed: list[str]) -> UsageError:
     close = difflib.get_close_matches(key, allowed, n=1)
     where = f"{path}.{key}" if path else key
-    hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
+    hint = key_hint(path, key) if path else None
+    hint = hint or (f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else "")
     return UsageError(f"unknown recipe key {where!r}{hint}; allowed keys: {', '.join(allowed)}")
 
 
