@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Hostile-user trials of `qlora train` on the tiny recipe, summarised as one table.
 
-    python tools/chaos.py [--trials 3] [--steps 8] [--seed 0] [--keep DIR]
+    python tools/chaos.py [--trials 3] [--steps 8] [--seed 0] [--keep DIR] [--only TEXT]
 
 Every trial runs the real CLI in a subprocess on `recipes/tiny_smoke.yaml` (a random tiny Llama,
 `train.max_steps=--steps`, a checkpoint every 2 steps) and is compared with one uninterrupted
@@ -174,7 +174,7 @@ def concurrent_trial(work: Path, steps: int, reference: bytes):
 # ------------------------------------------------------------------------------------- main
 
 
-def run_trials(trials: int, steps: int, seed: int, root: Path) -> list[tuple[str, int, int, str]]:
+def run_trials(trials: int, steps: int, seed: int, root: Path, only: str = "") -> list[tuple[str, int, int, str]]:
     """Run every kind of trial `trials` times; rows of (kind, tried, survived, bit-identical)."""
     rng = random.Random(seed)
     reference_run = root / "reference"
@@ -191,7 +191,7 @@ def run_trials(trials: int, steps: int, seed: int, root: Path) -> list[tuple[str
         "two runs on one folder": lambda w: concurrent_trial(w, steps, reference),
     }
     rows = []
-    for kind, trial in kinds.items():
+    for kind, trial in ((k, t) for k, t in kinds.items() if only in k):
         outcomes = []
         for i in range(trials):
             work = root / f"{kind.split()[0].lower()}-{len(rows)}-{i}"
@@ -217,10 +217,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="optimiser steps per run (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and corruptions")
     parser.add_argument("--keep", type=Path, help="keep the run folders under this folder")
+    parser.add_argument("--only", default="", metavar="TEXT", help="run only the kinds whose name contains TEXT")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qlora-chaos-", dir=args.keep))
     try:
-        rows = run_trials(args.trials, args.steps, args.seed, root)
+        rows = run_trials(args.trials, args.steps, args.seed, root, args.only)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
