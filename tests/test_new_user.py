@@ -116,3 +116,35 @@ def test_a_pinned_format_that_does_not_fit_suggests_the_one_that_does(tmp_path):
     result = run_cli("train", str(TINY), f"data.dataset={data}", "data.format=chat", f"output.dir={tmp_path / 'r'}")
     assert result.returncode == 2 and "did you mean data.format=sharegpt" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sample_prompts_prefer_unseen_questions_with_distinct_references():
+    from qlora.config import DataConfig
+    from qlora.data.rows import load_rows
+    from qlora.data.samples import sample_prompts
+
+    def chat(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    train = [chat("Are you human", "I am a human."), chat("Who are you", "I am a human.")]
+    held = [chat("Who are you", "I am a human."), chat("What are you", "I am a human."),
+            chat("what are you ", "A bot."), chat("Can you move", "I can upload a copy of myself."),
+            chat("Do you eat", "I am a human.")]
+    rows = load_rows(DataConfig(dataset="x"), train, eval_records=held)
+    assert sample_prompts(rows, 3) == [  # "Who are you" is asked in training: last; repeats dropped
+        {"prompt": "What are you", "reference": "I am a human."},
+        {"prompt": "Can you move", "reference": "I can upload a copy of myself."}]
+    assert sample_prompts(rows, 0) == []
+
+
+def test_readme_says_how_to_reach_the_command_and_has_no_empty_code_block():
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    two_commands = readme.split("## Two commands", 1)[1].split("##", 1)[0]
+    assert "source .venv/bin/activate" in two_commands and ".venv/bin/qlora" in two_commands
+    assert tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]["qlora"] == "qlora.cli:main"
+    assert not re.search(r"```\w*\n```", readme)  # no empty code block
+    assert "/quant-accuracy/" in (repo / ".gitignore").read_text().split()
