@@ -148,3 +148,17 @@ def test_readme_says_how_to_reach_the_command_and_has_no_empty_code_block():
     assert tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]["qlora"] == "qlora.cli:main"
     assert not re.search(r"```\w*\n```", readme)  # no empty code block
     assert "/quant-accuracy/" in (repo / ".gitignore").read_text().split()
+
+
+def test_the_data_summary_is_printed_once(tok, caplog):
+    """The loaders no longer warn a `data:` line of their own; train prints its summary once."""
+    import logging
+
+    from qlora.config import DataConfig
+    from qlora.data.loaders import make_dataloaders
+
+    records = [{"input": f"q{i}", "output": f"a{i}"} for i in range(8)] + [{"input": "q", "output": ""}]
+    with caplog.at_level(logging.WARNING, logger="qlora"):
+        _, _, stats = make_dataloaders(tok, DataConfig(dataset="x", eval_size=2), 2, 0, records=records)
+    assert sum(stats.skipped.values()) == 1
+    assert not [r for r in caplog.records if r.getMessage().startswith("data:")]
