@@ -86,16 +86,22 @@ def adapter_finite(folder: Path) -> bool:
 # Each returns (survived, bit_identical or None when not comparable).
 
 
-def kill_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
-    run = work / "run"
+def signal_after_checkpoint(run: Path, steps: int, signum: int, rng: random.Random):
+    """Start a run, send it `signum` at a random moment after its first checkpoint appeared; returns
+    the finished process and its stderr."""
     proc = train(run, steps, wait=False)
     deadline = time.time() + 600
     while not list((run / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, 1.5))
     if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+        proc.send_signal(signum)
+    return proc, proc.communicate()[1]
+
+
+def kill_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
+    run = work / "run"
+    signal_after_checkpoint(run, steps, signal.SIGKILL, rng)
     resumed = train(run, steps, "--resume")
     ok = resumed.returncode == 0 and steps_once(run, steps)
     return ok, adapter_bytes(run) == reference
@@ -105,15 +111,8 @@ def signal_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
     from qlora.training.checkpoint import verify
 
     run = work / "run"
-    proc = train(run, steps, wait=False)
-    deadline = time.time() + 600
-    while not list((run / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.5))
     signum = rng.choice([signal.SIGINT, signal.SIGTERM])
-    if proc.poll() is None:
-        proc.send_signal(signum)
-    _, err = proc.communicate()
+    proc, err = signal_after_checkpoint(run, steps, signum, rng)
     last = err.strip().splitlines()[-1] if err.strip() else ""
     named = last.split("checkpoint ")[-1].split(" written")[0] if " written" in last else None
     stopped = proc.returncode == 128 + signum and named is not None and verify(Path(named)) is None
