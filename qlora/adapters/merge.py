@@ -103,6 +103,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     def weight_bytes(m: nn.Module) -> int:  # of the plain weight a merged / dequantised layer gets
         return m.out_features * m.in_features * dtype.itemsize
 
+    _merge_experts(model, dtype)
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     inner = {id(m.base) for m in lora}
     quantised = [m for m in model.modules() if isinstance(m, Linear4bit) and id(m) not in inner]
@@ -118,6 +119,24 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
         swap_modules(model, lambda m, _: isinstance(m, LoRALinear), fold)
         swap_modules(model, lambda m, _: isinstance(m, Linear4bit), dequantise)
     return model
+
+
+def _merge_experts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Fold expert adapters into (and dequantise 4-bit experts to) 16-bit fused parameters."""
+    from qlora.nn.experts4bit import Experts4bit
+    from qlora.nn.moe import ExpertLoRA, expert_parameter_names, is_experts
+    from qlora.nn.swap import swap_modules
+
+    swap_modules(model, lambda m, fqn: isinstance(m, ExpertLoRA) and not fqn.endswith(".base_layer"),
+                 lambda m: m.merged_experts(dtype))
+    for module in [m for m in model.modules() if is_experts(m)]:
+        for name in expert_parameter_names(module):
+            store = getattr(module, name)
+            if isinstance(store, Experts4bit):
+                stack = store.dequantize().to(dtype)
+                module._modules.pop(name)
+                module._parameters[name] = nn.Parameter(
+                    stack.transpose(1, 2).contiguous() if module.is_transposed else stack, requires_grad=False)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qlora.adapters.adalora import lora_equivalent, prune, rank_pattern
+from qlora.adapters.experts import parameter_suffixes
 from qlora.adapters.spec import CONFIG_FILE, PEFT_PREFIX, LoraSpec, read_peft_config, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
 from qlora.data.prompt_style import save_style
@@ -33,6 +34,7 @@ from qlora.errors import UsageError
 from qlora.hf.folder import shareable_name
 from qlora.io import atomic_folder, write_bytes_atomic, write_json_atomic
 from qlora.nn.adapter import adapter_layers
+from qlora.nn.moe import ExpertLoRA
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -79,7 +81,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     wrong = [fqn for fqn, m in layers.items() if getattr(m, "r", spec.r) != spec.r]
     if wrong:
         raise UsageError(f"save_adapter: r={spec.r}, but modules {wrong[:3]} have r={layers[wrong[0]].r}")
-    config = spec.peft_config(_target_modules(model, list(layers)), shareable_name(base_model_name_or_path))
+    linears = [fqn for fqn, m in layers.items() if not isinstance(m, ExpertLoRA)]
+    config = spec.peft_config(_target_modules(model, linears), shareable_name(base_model_name_or_path))
+    if len(linears) < len(layers):
+        config["target_parameters"] = parameter_suffixes(model)
     tensors = adapter_state_dict(model)
     if spec.adalora is not None and prune_ranks:
         config["rank_pattern"] = rank_pattern(model)

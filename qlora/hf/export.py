@@ -98,8 +98,17 @@ def export_quantized(model: nn.Module, out_dir: str | Path, source: str | Path, 
     ``source`` is the folder it was loaded from (tokenizer and generation config are copied).
     """
     from qlora.nn import Linear4bit
+    from qlora.nn.experts4bit import Experts4bit
 
     out_dir = check_output(out_dir, overwrite)
+    experts = [fqn for fqn, m in model.named_modules() if isinstance(m, Experts4bit)]
+    if experts:
+        raise UsageError(
+            f"export: {len(experts)} fused expert weights (e.g. {experts[0]!r}) are in qlora's 4-bit experts store, "
+            "which bitsandbytes' 4-bit format cannot describe (it quantises nn.Linear only) and transformers would "
+            "not load; keep the 16-bit checkpoint (qlora quantises experts while loading) or write a bf16 folder "
+            "with `qlora merge`"
+        )
     packed = {m.weight.dtype for m in model.modules() if isinstance(m, Linear4bit)}
     if packed - {torch.uint8}:
         raise UsageError(f"export: packed weights stored as {packed}; export needs quant_storage=torch.uint8")
