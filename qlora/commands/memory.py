@@ -8,12 +8,16 @@ quantisation, batch, sequence length, checkpointing, optimiser and loss; planner
 recipe decides are refused there. The defaults of the options follow the
 trainer's (chunked loss of 1024 tokens). Prints an itemised table; `--json PATH` writes the same
 numbers (including `total_bytes` and `fits`). GPU sizes are GiB, as CUDA reports them (a "48 GB"
-card has 48 GiB).
+card has 48 GiB). With a RECIPE, the device is its `train.device` (`auto` plans cuda) and the GPU
+size the budget in its file name (`llama3_8b_qlora_24gb.yaml`: 24 GiB), unless --device / --gpu-gb
+say otherwise; a CPU plan is the tensor peak in RAM and checks no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
 from qlora.errors import UsageError
 from qlora.io import write_json_atomic
@@ -34,8 +38,10 @@ def add_parser(subparsers) -> None:
                    "config.json instead of the recipe's model.name_or_path")
     for flag, kwargs in PLAN_OPTIONS.items():
         p.add_argument(flag, **{**kwargs, "default": None})
-    p.add_argument("--device", choices=DEVICES, default="cuda", help="cuda adds the CUDA context (default cuda)")
-    p.add_argument("--gpu-gb", type=_positive_float, default=48.0, help="GPU memory in GiB (default 48)")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="cuda adds the CUDA context (default: a recipe's train.device, else cuda)")
+    p.add_argument("--gpu-gb", type=_positive_float, default=None,
+                   help="GPU memory in GiB (default: the budget in a recipe's file name, e.g. _24gb, else 48)")
     p.add_argument("--max-seq-len", action="store_true", help="also print the longest sequence that fits "
                    "--gpu-gb, with and without activation offloading (train.offload_activations)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model.endswith((".yaml", ".yml")):
         shape, settings, note = _from_recipe(args)
     else:
+        args.gpu_given = args.gpu_gb is not None
+        args.device, args.gpu_gb = args.device or "cuda", args.gpu_gb or DEFAULT_GPU_GB
         if args.overrides or args.shape:
             raise UsageError(f"KEY=VALUE overrides and --model need a recipe (.yaml), not MODEL {args.model!r}")
         options = {dest: default if getattr(args, dest) is None else getattr(args, dest)
@@ -63,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     gpu_bytes = int(args.gpu_gb * GIB)
     if note:
         print(f"{args.model}: {note}")
-    print(format_table(plan, gpu_bytes))
+    table = format_table(plan, gpu_bytes)
+    if settings.device == "cpu" and not args.gpu_given:  # no GPU to fit: the total is RAM
+        table = re.sub(r"(?m)^GPU .*$", "device cpu: no GPU budget checked (the total is the tensor peak in RAM; "
+                                        "--gpu-gb N checks one)", table)
+    print(table)
     if args.max_seq_len:
         from qlora.memory.long_context import longest_sequences
 
@@ -87,8 +99,31 @@ def _from_recipe(args: argparse.Namespace):
         shape, note = model_shape(args.shape), f"shape of {args.shape} (--model)"
     else:
         shape, note = recipe_shape(recipe)
+    budget = _recipe_budget(args, recipe)
     settings = settings_from_recipe(recipe, device=args.device)
-    return shape, settings, f"{note}\n{_describe(recipe, settings)}"
+    return shape, settings, f"{note}\n{budget}\n{_describe(recipe, settings)}"
+
+
+DEFAULT_GPU_GB = 48.0
+_NAME_BUDGET = re.compile(r"(?:^|_)(\d+(?:\.\d+)?)gb(?:_|$)")
+
+
+def _recipe_budget(args: argparse.Namespace, recipe) -> str:
+    """Fill in args.device / args.gpu_gb from the recipe where not given; returns where each came from."""
+    args.gpu_given = args.gpu_gb is not None
+    if args.device is None:
+        device = recipe.train.device
+        args.device = "cuda" if device == "auto" else device
+        where = f"device {args.device} (train.device{': auto plans cuda' if device == 'auto' else ''})"
+    else:
+        where = f"device {args.device} (--device)"
+    if args.gpu_gb is None:
+        found = _NAME_BUDGET.search(Path(args.model).stem.lower())
+        args.gpu_gb = float(found.group(1)) if found else DEFAULT_GPU_GB
+        gpu = f"GPU {args.gpu_gb:g} GiB ({'the recipe name' if found else 'the default; --gpu-gb N sets it'})"
+    else:
+        gpu = f"GPU {args.gpu_gb:g} GiB (--gpu-gb)"
+    return f"{where}, {gpu}" if args.device == "cuda" or args.gpu_given else where
 
 
 def _describe(recipe, s: PlanSettings) -> str:

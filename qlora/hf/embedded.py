@@ -27,6 +27,7 @@ Known pitfalls of the GGUF route, each handled below:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -117,9 +118,23 @@ def _build_smollm2(out: Path) -> None:
     gguf = _smollm2_gguf()
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config.eos_token_id = config.pad_token_id = 2  # <|im_end|>, as in the tokenizer
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    with _transformers_errors_only():  # its "pass dtype=torch.float32" advice is not for a one-off bf16 copy
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     _write_folder(out, config, model.state_dict())
     _copy_tokenizer(out)
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """transformers' logging at ERROR inside the block (its warnings are not the user's to act on)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _copy_tokenizer(out: Path) -> None:
