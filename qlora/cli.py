@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from qlora.argparsing import Parser
-from qlora.errors import NonFiniteError, UsageError, describe_os_error
+from qlora.errors import Interrupted, NonFiniteError, UsageError, describe_os_error
 
 COMMANDS = ("train", "eval", "generate", "merge", "combine", "quantize", "memory", "accuracy", "plot", "config")
 
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qlora {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"qlora {args.command}: {err}", file=sys.stderr, flush=True)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print(f"qlora {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,14 @@ class NonFiniteError(RuntimeError):
     """Training stopped by its finiteness guard (`train.max_bad_steps` bad steps in a row)."""
 
 
+class Interrupted(Exception):
+    """A run stopped by SIGINT / SIGTERM (`qlora.training.signals`); exit status 128 + the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 # OS errors on the user's side of the fence: the disk, the permissions, the path.
 USER_OS_ERRORS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT", errno.EROFS: "EROFS",
                   errno.EACCES: "EACCES", errno.EPERM: "EPERM", errno.ENOENT: "ENOENT",

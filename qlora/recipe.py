@@ -22,6 +22,7 @@ import yaml
 
 from qlora.config import SECTIONS, RecipeConfig
 from qlora.errors import UsageError
+from qlora.hf_names import key_hint
 from qlora.typecheck import coerce
 
 
@@ -43,7 +44,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unknown_key(path: str, key: str, allowed: list[str]) -> UsageError:
     close = difflib.get_close_matches(key, allowed, n=1)
     where = f"{path}.{key}" if path else key
-    hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
+    hint = key_hint(path, key) if path else None
+    hint = hint or (f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else "")
     return UsageError(f"unknown recipe key {where!r}{hint}; allowed keys: {', '.join(allowed)}")
 
 
@@ -107,6 +109,14 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a YAML recipe, apply `section.field=value` overrides, and validate it."""
+    data = read_recipe(path)
+    for override in overrides or []:
+        apply_override(data, override)
+    return recipe_from_dict(data)
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of sections a YAML recipe file holds (checked to be one, not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"recipe file {str(path)!r} does not exist")
@@ -122,9 +132,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise UsageError(f"recipe file {str(path)!r} must hold a mapping of sections "
                          f"({', '.join(SECTIONS)}), got {type(data).__name__}")
-    for override in overrides or []:
-        apply_override(data, override)
-    return recipe_from_dict(data)
+    return data
 
 
 def recipe_to_dict(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:

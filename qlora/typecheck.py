@@ -16,6 +16,7 @@ import typing
 from typing import Any, ClassVar, Literal, Union
 
 from qlora.errors import UsageError
+from qlora.hf_names import value_hint
 
 def type_name(tp: Any) -> str:
     """Readable name of an annotation, for error messages."""
@@ -92,8 +93,9 @@ class Section:
             value = getattr(self, f.name)
             ok, converted = coerce(value, hints[f.name])
             if not ok:
+                hint = value_hint(self.section, f.name, value) or suggest(value, hints[f.name])
                 raise UsageError(f"{self.section}.{f.name}: {value!r} is not allowed; expected "
-                                 f"{type_name(hints[f.name])}{suggest(value, hints[f.name])}")
+                                 f"{type_name(hints[f.name])}{hint}")
             setattr(self, f.name, converted)
 
     def _require_range(self, name: str, low: int, high: int, why: str = "") -> None:

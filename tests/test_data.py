@@ -251,8 +251,12 @@ def test_split_is_deterministic_and_disjoint():
     assert evals != split_rows(rows, DataConfig(eval_fraction=0.1, seed=4))[1]
     assert len(evals) == 10 and sorted(train + evals) == list(range(100))
     assert len(split_rows(rows, DataConfig(eval_size=7, eval_fraction=0.1))[1]) == 7
+    # A hold-out that would leave under half the rows for training is scaled to a tenth, with a note.
+    assert len(split_rows(rows, DataConfig(eval_size=100))[1]) == 10
+    assert len(split_rows(rows, DataConfig(eval_fraction=0.6))[1]) == 10
+    assert len(split_rows(rows, DataConfig(eval_size=50))[1]) == 50
     with pytest.raises(UsageError, match="leave at least one row"):
-        split_rows(rows, DataConfig(eval_size=100))
+        split_rows(rows[:1], DataConfig(eval_size=1))
 
 
 def drain(sampler, n: int) -> list[list[int]]:

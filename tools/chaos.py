@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Hostile-user trials of `qlora train` on the tiny recipe, summarised as one table.
 
-    python tools/chaos.py [--trials 3] [--steps 8] [--seed 0] [--keep DIR]
+    python tools/chaos.py [--trials 3] [--steps 8] [--seed 0] [--keep DIR] [--only TEXT]
 
 Every trial runs the real CLI in a subprocess on `recipes/tiny_smoke.yaml` (a random tiny Llama,
 `train.max_steps=--steps`, a checkpoint every 2 steps) and is compared with one uninterrupted
@@ -10,6 +10,10 @@ reference run of the same recipe:
 - kill -9: a run is killed with SIGKILL at a random moment after its first checkpoint appeared
   (sometimes mid-checkpoint), then continued with `--resume`. Survived: the resume exits 0 and
   metrics.jsonl holds each step once. Bit-identical: the final adapter's bytes equal the reference's.
+- SIGINT / SIGTERM: a run gets one of the two at a random moment after its first checkpoint
+  appeared; it must finish its step, write a checkpoint, name it in its last stderr line and exit
+  130 / 143; `--resume` continues from it. Survived: the exit status, the named checkpoint verifies
+  and the resumed metrics hold each step once. Bit-identical: as for kill -9.
 - corrupt newest checkpoint: a finished run's newest checkpoint gets a truncated adapter, a
   truncated trainer state or a flipped byte; `--resume` must skip it (naming it), continue from the
   one before and end with the reference's bytes.
@@ -86,18 +90,40 @@ def adapter_finite(folder: Path) -> bool:
 # Each returns (survived, bit_identical or None when not comparable).
 
 
-def kill_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
-    run = work / "run"
+def signal_after_checkpoint(run: Path, steps: int, signum: int, rng: random.Random):
+    """Start a run, send it `signum` at a random moment after its first checkpoint appeared; returns
+    the finished process and its stderr."""
     proc = train(run, steps, wait=False)
     deadline = time.time() + 600
     while not list((run / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, 1.5))
     if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+        proc.send_signal(signum)
+    return proc, proc.communicate()[1]
+
+
+def kill_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
+    run = work / "run"
+    signal_after_checkpoint(run, steps, signal.SIGKILL, rng)
     resumed = train(run, steps, "--resume")
     ok = resumed.returncode == 0 and steps_once(run, steps)
+    return ok, adapter_bytes(run) == reference
+
+
+def signal_trial(work: Path, steps: int, reference: bytes, rng: random.Random):
+    from qlora.training.checkpoint import verify
+
+    run = work / "run"
+    signum = rng.choice([signal.SIGINT, signal.SIGTERM])
+    proc, err = signal_after_checkpoint(run, steps, signum, rng)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    named = last.split("checkpoint ")[-1].split(" written")[0] if " written" in last else None
+    stopped = proc.returncode == 128 + signum and named is not None and verify(Path(named)) is None
+    if proc.returncode == 0:  # the signal came after the run had ended
+        return steps_once(run, steps), adapter_bytes(run) == reference
+    resumed = train(run, steps, "--resume")
+    ok = stopped and resumed.returncode == 0 and steps_once(run, steps)
     return ok, adapter_bytes(run) == reference
 
 
@@ -151,7 +177,7 @@ def concurrent_trial(work: Path, steps: int, reference: bytes):
 # ------------------------------------------------------------------------------------- main
 
 
-def run_trials(trials: int, steps: int, seed: int, root: Path) -> list[tuple[str, int, int, str]]:
+def run_trials(trials: int, steps: int, seed: int, root: Path, only: str = "") -> list[tuple[str, int, int, str]]:
     """Run every kind of trial `trials` times; rows of (kind, tried, survived, bit-identical)."""
     rng = random.Random(seed)
     reference_run = root / "reference"
@@ -161,6 +187,7 @@ def run_trials(trials: int, steps: int, seed: int, root: Path) -> list[tuple[str
     reference = adapter_bytes(reference_run)
     kinds = {
         "kill -9 + --resume": lambda w: kill_trial(w, steps, reference, rng),
+        "SIGINT / SIGTERM + --resume": lambda w: signal_trial(w, steps, reference, rng),
         "corrupt newest checkpoint + --resume": lambda w: corrupt_trial(w, steps, reference_run, reference, rng),
         "NaN gradient at one step": lambda w: nan_trial(w, steps, rng),
         "NaN streak (max_bad_steps=2) -> exit 3": lambda w: streak_trial(w, steps),
@@ -170,7 +197,7 @@ def run_trials(trials: int, steps: int, seed: int, root: Path) -> list[tuple[str
         "stale lock race (20 x 3 processes)": lock_race_trial,
     }
     rows = []
-    for kind, trial in kinds.items():
+    for kind, trial in ((k, t) for k, t in kinds.items() if only in k):
         outcomes = []
         for i in range(trials):
             work = root / f"{kind.split()[0].lower()}-{len(rows)}-{i}"
@@ -196,10 +223,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="optimiser steps per run (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and corruptions")
     parser.add_argument("--keep", type=Path, help="keep the run folders under this folder")
+    parser.add_argument("--only", default="", metavar="TEXT", help="run only the kinds whose name contains TEXT")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qlora-chaos-", dir=args.keep))
     try:
-        rows = run_trials(args.trials, args.steps, args.seed, root)
+        rows = run_trials(args.trials, args.steps, args.seed, root, args.only)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -171,12 +171,27 @@ def check_combinable(adapters: Sequence[Adapter], weights: Sequence[float], meth
         raise UsageError(f"--density {density}: expected a fraction of entries to keep in (0, 1]")
     if rank is not None and (not svd or rank < 1):
         raise UsageError(f"--rank {rank}: expected an int >= 1, and only with an _svd method (got {method!r})")
+    _check_expert_targets(adapters, method)
     ranks = {a.spec.r for a in adapters}
     if not svd and method != "cat" and len(ranks) > 1:
         listed = ", ".join(f"{a.name}: r={a.spec.r}" for a in adapters)
         raise UsageError(f"method {method!r} combines A and B factors and needs one rank for all ({listed}); "
                          "use cat or an _svd method")
     _check_shapes(adapters, rank if svd else None)
+
+
+def _check_expert_targets(adapters: Sequence[Adapter], method: str) -> None:
+    """Expert adapters (PEFT `target_parameters`) combine factor by factor only: their lora_A / lora_B
+    hold E experts each (qlora.nn.moe), which `cat`'s rank concatenation and an SVD of B @ A mix up."""
+    targets = {a.spec.target_parameters for a in adapters}
+    if targets == {()}:
+        return
+    if len(targets) > 1:
+        listed = ", ".join(f"{a.name}: {list(a.spec.target_parameters)}" for a in adapters)
+        raise UsageError(f"adapters adapt different expert parameters (target_parameters: {listed})")
+    if method == "cat" or method == "svd" or method.endswith("_svd"):
+        raise UsageError(f"--method {method!r}: expert adapters (target_parameters) combine with a factor method "
+                         f"only ({', '.join(m for m in COMBINE_METHODS if m != 'cat' and not m.endswith('svd'))})")
 
 
 def _check_shapes(adapters: Sequence[Adapter], rank: int | None) -> None:
@@ -219,7 +234,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float], method: str, 
             lora_A, lora_B = _svd(pairs, ws, ss, task, density, generator, new_rank)
         tensors[peft_key(fqn, "lora_A")] = lora_A.to(dtype).contiguous()
         tensors[peft_key(fqn, "lora_B")] = lora_B.to(dtype).contiguous()
-    spec = LoraSpec(r=new_rank, alpha=new_rank, dropout=adapters[0].spec.dropout)
+    spec = LoraSpec(r=new_rank, alpha=new_rank, dropout=adapters[0].spec.dropout,
+                    target_parameters=adapters[0].spec.target_parameters)
     return tensors, spec.peft_config(_target_modules(adapters), adapters[0].base)
 
 
@@ -243,7 +259,8 @@ def check_against_base(adapters: Sequence[Adapter]) -> None:
         log.warning("cannot check the adapters against their base %r (%s)", adapters[0].base, err)
         return
     for adapter in adapters:
-        check_fits(model, shapes(adapter.pairs), adapter.spec.targets, adapter.name)
+        check_fits(model, shapes(adapter.pairs), adapter.spec.targets, adapter.name,
+                   adapter.spec.target_parameters)
 
 
 def combine_adapters(adapter_dirs: Sequence[str | Path], weights: Sequence[float], out_dir: str | Path, method: str, *,

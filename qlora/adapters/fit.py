@@ -33,6 +33,7 @@ from qlora.adapters.spec import PEFT_PREFIX
 from qlora.adapters.surgery import LINEAR_LIKE, bases_only, lora_filter
 from qlora.errors import UsageError
 from qlora.hf.checks import check_tensor
+from qlora.nn.swap import name_matches
 
 _LORA = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 _ADALORA = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A|lora_E|lora_B)$")
@@ -71,8 +72,19 @@ def check_tensors(config: dict, tensors: Mapping[str, torch.Tensor], source: str
         _check_lora(config, groups, source)
 
 
+def expert_fqns(fqns, target_parameters) -> set[str]:
+    """The adapted modules that are experts modules (PEFT `target_parameters`), nested wrappers
+    (``experts.base_layer``) included."""
+    if not target_parameters:
+        return set()
+    owners = ("experts",) if isinstance(target_parameters, str) else \
+        tuple(t.rpartition(".")[0] or t for t in target_parameters)
+    return {fqn for fqn in fqns if name_matches(re.sub(r"(\.base_layer)+$", "", fqn), owners)}
+
+
 def _check_lora(config: dict, groups: dict[str, dict[str, torch.Tensor]], source) -> None:
     r, dora = config["r"], bool(config.get("use_dora"))
+    experts = expert_fqns(groups, config.get("target_parameters"))
     for fqn, parts in groups.items():
         if {"lora_A.weight", "lora_B.weight"} - parts.keys():
             raise UsageError(f"{source}: module {fqn!r} lacks {sorted({'lora_A.weight', 'lora_B.weight'} - parts.keys())}")
@@ -80,6 +92,11 @@ def _check_lora(config: dict, groups: dict[str, dict[str, torch.Tensor]], source
             raise UsageError(f"{source}: module {fqn!r} {'lacks' if dora else 'has'} a DoRA magnitude "
                              f"(lora_magnitude_vector), but use_dora is {str(dora).lower()}")
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        if fqn in experts:  # (r * experts, in) and (out, r * experts)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] % r:
+                raise UsageError(f"{source}: expert module {fqn!r} has lora_A {tuple(a.shape)} and lora_B "
+                                 f"{tuple(b.shape)}; with r={r} expected (r x experts, in) and (out, r x experts)")
+            continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise UsageError(f"{source}: module {fqn!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
                              f"but the config says r={r}; expected (r, in) and (out, r)")
@@ -101,8 +118,14 @@ def _check_adalora(config: dict, groups: dict[str, dict[str, torch.Tensor]], sou
                              f"lora_B {tuple(b.shape)}, but {why}; expected ({kept}, in), ({kept}, 1), (out, {kept})")
 
 
-def check_fits(model: nn.Module, modules: Mapping[str, tuple[int, int]], targets, source: str | Path) -> None:
-    """The adapted `modules` (fqn -> (in, out)) exist in `model` and `targets` selects exactly them."""
+def check_fits(model: nn.Module, modules: Mapping[str, tuple[int, int]], targets, source: str | Path,
+               target_parameters=()) -> None:
+    """The adapted `modules` (fqn -> (in, out)) exist in `model` and `targets` selects exactly them;
+    expert modules (`target_parameters`) are checked against the model's fused expert weights."""
+    experts = expert_fqns(modules, target_parameters)
+    if experts:
+        _check_expert_fits(model, {f: modules[f] for f in experts}, target_parameters, source)
+        modules = {f: shape for f, shape in modules.items() if f not in experts}
     with bases_only(model):
         linear = {fqn: m for fqn, m in model.named_modules() if isinstance(m, LINEAR_LIKE)}
         absent = set(modules) - set(linear)
@@ -125,6 +148,30 @@ def check_fits(model: nn.Module, modules: Mapping[str, tuple[int, int]], targets
                          + "; ".join(part for part in (
                              extra and f"tensors for modules it does not select {_listed(extra)}",
                              lacking and f"it selects modules with no tensors {_listed(lacking)}") if part))
+
+
+def _check_expert_fits(model: nn.Module, modules: Mapping[str, tuple[int, int]], target_parameters,
+                       source: str | Path) -> None:
+    """Each expert adapter module is the wrapper PEFT nests for one targeted fused parameter, with
+    that parameter's (in, out)."""
+    from qlora.adapters.experts import expert_targets
+    from qlora.nn.moe import linear_shape
+
+    with bases_only(model):
+        try:
+            targets = expert_targets(model, tuple(target_parameters))
+        except UsageError as err:
+            raise UsageError(f"{source}: target_parameters: {err}") from None
+        expected = {}
+        for fqn, names in targets.items():
+            module = model.get_submodule(fqn)
+            for depth, name in enumerate(reversed(names)):  # the last listed is the outermost
+                _, out_f, in_f = linear_shape(module, name)
+                expected[fqn + ".base_layer" * depth] = (in_f, out_f)
+    if expected != dict(modules):
+        wrong = sorted(set(expected.items()) ^ set(dict(modules).items()))
+        raise UsageError(f"{source}: the expert tensors do not fit the model's fused experts for target_parameters "
+                         f"{list(target_parameters)}: {wrong[:3]} (module, (in, out)) differ")
 
 
 def shapes(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[int, int]]:

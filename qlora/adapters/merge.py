@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qlora.adapters.peft_format import PEFT_PREFIX, lora_pairs
-from qlora.adapters.spec import LoraSpec
+from qlora.adapters.spec import CONFIG_FILE, LoraSpec
 from qlora.errors import UsageError
 from qlora.nn.dora import dora_weight
 from qlora.nn.lora import add_delta, lora_delta
@@ -103,6 +103,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     def weight_bytes(m: nn.Module) -> int:  # of the plain weight a merged / dequantised layer gets
         return m.out_features * m.in_features * dtype.itemsize
 
+    _merge_experts(model, dtype)
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     inner = {id(m.base) for m in lora}
     quantised = [m for m in model.modules() if isinstance(m, Linear4bit) and id(m) not in inner]
@@ -120,6 +121,24 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     return model
 
 
+def _merge_experts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Fold expert adapters into (and dequantise 4-bit experts to) 16-bit fused parameters."""
+    from qlora.nn.experts4bit import Experts4bit
+    from qlora.nn.moe import ExpertLoRA, expert_parameter_names, is_experts
+    from qlora.nn.swap import swap_modules
+
+    swap_modules(model, lambda m, fqn: isinstance(m, ExpertLoRA) and not fqn.endswith(".base_layer"),
+                 lambda m: m.merged_experts(dtype))
+    for module in [m for m in model.modules() if is_experts(m)]:
+        for name in expert_parameter_names(module):
+            store = getattr(module, name)
+            if isinstance(store, Experts4bit):
+                stack = store.dequantize().to(dtype)
+                module._modules.pop(name)
+                module._parameters[name] = nn.Parameter(
+                    stack.transpose(1, 2).contiguous() if module.is_transposed else stack, requires_grad=False)
+
+
 def check_finite_model(model: nn.Module, what: str) -> None:
     """A UsageError naming the first floating tensor of `model` with a NaN or Inf."""
     for name, tensor in model.state_dict().items():
@@ -133,11 +152,13 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     """Merge a PEFT LoRA adapter into its base and write a ``dtype`` HF folder (``qlora merge``).
 
     ``base`` defaults to the base saved in the adapter's run (`lora.init` changed it), else the
-    adapter's ``base_model_name_or_path``. An unquantised base is loaded in
-    ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised. Tokenizer files
-    saved with the adapter (a recipe's own chat template) replace the base's. ``inputs`` are more
-    folders OUT must not be or hold (`qlora.outputs.check_destination`); a non-finite merged weight is
-    refused, naming it, before anything is written.
+    adapter's ``base_model_name_or_path``. ``adapter_dir`` may be a run folder (its ``adapter/``
+    is merged). An unquantised base is loaded in ``dtype`` (the original weights); a bitsandbytes
+    4-bit base is dequantised. Tokenizer files saved with the adapter replace the base's; its
+    prompt style and its run's recipe go with the merged folder, so ``qlora eval`` and ``generate``
+    use the run's held-out rows and prompt format. ``inputs`` are more folders OUT must not be or
+    hold (`qlora.outputs.check_destination`); a non-finite merged weight is refused, naming it,
+    before anything is written.
     """
     from qlora.adapters.peft_format import load_adapter, read_adapter_weights
     from qlora.adapters.spec import read_peft_config
@@ -146,11 +167,14 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     from qlora.hf.files import copy_tokenizer_files
     from qlora.hf.folder import model_folder
     from qlora.hf.load import load_model
+    from qlora.data.prompt_style import STYLE_FILE
     from qlora.io import atomic_folder
     from qlora.outputs import check_destination, provenance, write_provenance
-    from qlora.run_dir import RECIPE, find_recipe, saved_base
+    from qlora.run_dir import RECIPE, RunDir, find_recipe, saved_base
 
     adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_FILE).is_file() and RunDir(adapter_dir).adapter.is_dir():
+        adapter_dir = RunDir(adapter_dir).adapter  # a run folder: its final adapter
     base = base or saved_base(adapter_dir) or read_peft_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
@@ -169,4 +193,6 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
             copy_tokenizer_files(adapter_dir, tmp)
         if recipe is not None:
             shutil.copy2(recipe, tmp / RECIPE)
+        if (adapter_dir / STYLE_FILE).is_file():
+            shutil.copy2(adapter_dir / STYLE_FILE, tmp / STYLE_FILE)
     return out_dir

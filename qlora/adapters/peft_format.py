@@ -26,13 +26,16 @@ import torch
 from torch import nn
 
 from qlora.adapters.adalora import lora_equivalent, prune, rank_pattern
+from qlora.adapters.experts import parameter_suffixes
 from qlora.adapters.fit import check_fits, check_tensors, shapes
 from qlora.adapters.spec import CONFIG_FILE, PEFT_PREFIX, LoraSpec, read_peft_config, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
+from qlora.data.prompt_style import save_style
 from qlora.errors import UsageError
 from qlora.hf.folder import shareable_name
 from qlora.io import atomic_folder, write_bytes_atomic, write_json_atomic
 from qlora.nn.adapter import adapter_layers
+from qlora.nn.moe import ExpertLoRA
 from qlora.outputs import write_provenance
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,14 +66,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_model_name_or_path: str,
-                 prune_ranks: bool = True, tokenizer=None) -> Path:
+                 prune_ranks: bool = True, tokenizer=None, prompt_style: str | None = None) -> Path:
     """Write the model's adapter weights and ``spec`` as a PEFT adapter folder (replaced atomically).
 
     ``target_modules`` is derived from the modules actually adapted; ``base_model_name_or_path``
     is written as `qlora.hf.folder.shareable_name` gives it (absolute folder, or the hub id).
     AdaLoRA: with ``prune_ranks`` only the kept triplets are written, named by ``rank_pattern``;
-    without (checkpoints) the whole tensors, masked triplets zero in E. A ``tokenizer`` (given when
-    the recipe set its own chat template) is saved beside them, ``chat_template.jinja`` included.
+    without (checkpoints) the whole tensors, masked triplets zero in E. The ``tokenizer`` (training
+    gives it for every adapter folder) is saved beside them, ``chat_template.jinja`` included, so
+    ``AutoTokenizer.from_pretrained(adapter)`` works; ``prompt_style`` is written as
+    ``prompt_format.json`` (`qlora.data.prompt_style`).
     """
     layers = adapter_layers(model)
     if not layers:
@@ -78,16 +83,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     wrong = [fqn for fqn, m in layers.items() if getattr(m, "r", spec.r) != spec.r]
     if wrong:
         raise UsageError(f"save_adapter: r={spec.r}, but modules {wrong[:3]} have r={layers[wrong[0]].r}")
-    config = spec.peft_config(_target_modules(model, list(layers)), shareable_name(base_model_name_or_path))
+    linears = [fqn for fqn, m in layers.items() if not isinstance(m, ExpertLoRA)]
+    config = spec.peft_config(_target_modules(model, linears), shareable_name(base_model_name_or_path))
+    if len(linears) < len(layers):
+        config["target_parameters"] = parameter_suffixes(model)
     tensors = adapter_state_dict(model)
     if spec.adalora is not None and prune_ranks:
         config["rank_pattern"] = rank_pattern(model)
         tensors = prune(tensors, config["rank_pattern"])
-    return write_adapter(out_dir, tensors, config, tokenizer)
+    return write_adapter(out_dir, tensors, config, tokenizer, prompt_style)
 
 
 def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer=None,
-                  provenance: dict | None = None) -> Path:
+                  prompt_style: str | None = None, provenance: dict | None = None) -> Path:
     """Write PEFT-keyed ``tensors`` and a PEFT ``config`` as an adapter folder (replaced atomically),
     with a writer's ``provenance`` record (`qlora.outputs`) when given."""
     from safetensors.torch import save
@@ -101,6 +109,8 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
         write_json_atomic(tmp / CONFIG_FILE, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if prompt_style is not None:
+            save_style(tmp, prompt_style)
         write_provenance(tmp, provenance)
     return out_dir
 
@@ -148,7 +158,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: str = "bf16")
     The adapter must fit the model (`qlora.adapters.fit.check_fits`)."""
     spec, _ = read_spec(adapter_dir, dtype)
     tensors = read_adapter_weights(adapter_dir)
-    check_fits(model, shapes(lora_pairs(tensors)), spec.targets, adapter_dir)
+    check_fits(model, shapes(lora_pairs(tensors)), spec.targets, adapter_dir, spec.target_parameters)
     adapted = apply_lora(model, spec)
     load_adapter_weights(model, tensors, Path(adapter_dir) / WEIGHTS_FILE)
     return adapted

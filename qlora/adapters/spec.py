@@ -71,6 +71,9 @@ class LoraSpec:
     loftq_iters: int = 1
     adalora: AdaLoraSchedule | None = None
     """AdaLoRA (qlora.nn.adalora): SVD-form adapters whose ranks the budget schedule reallocates."""
+    target_parameters: str | tuple[str, ...] = ()
+    """Fused expert parameters to adapt (PEFT's `target_parameters`): suffixes of parameter names
+    (`mlp.experts.gate_up_proj`) or `all-experts` (qlora.adapters.experts)."""
 
     def scheduled(self, total_steps: int) -> "LoraSpec":
         """This spec with AdaLoRA's `total_step` set to the run's optimiser steps (else itself)."""
@@ -90,6 +93,8 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.targets, str):
             object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.target_parameters, str):
+            object.__setattr__(self, "target_parameters", tuple(self.target_parameters))
 
     @property
     def scaling(self) -> float:
@@ -124,6 +129,8 @@ class LoraSpec:
             "use_dora": self.use_dora,
             "rank_pattern": {},
             "alpha_pattern": {},
+            **({"target_parameters": list(self.target_parameters)}
+               if self.target_parameters and not isinstance(self.target_parameters, str) else {}),
         }
 
     @classmethod
@@ -161,7 +168,8 @@ class LoraSpec:
         return cls(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                    targets=targets if isinstance(targets, str) else tuple(targets),
                    use_rslora=config.get("use_rslora", False), dtype=dtype,
-                   use_dora=bool(config.get("use_dora", False)))
+                   use_dora=bool(config.get("use_dora", False)),
+                   target_parameters=tuple(config.get("target_parameters") or ()))
 
 
 def read_peft_config(adapter_dir: str | Path) -> dict:

@@ -9,6 +9,7 @@ split (--split eval) or its training split. A run folder's adapter is used unles
 from __future__ import annotations
 
 import argparse
+import sys
 
 from qlora.inference.target import add_target_arguments
 
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from qlora.inference.target import load_for_inference, resolve_target
     from qlora.io import write_json_atomic
     from qlora.nn.loss import CausalLMLoss
+    from qlora.display import EvalProgress
     from qlora.inference.evaluate import evaluate
 
     if args.max_batches is not None and args.max_batches < 1:
@@ -37,16 +39,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = target.cfg
     rt = runtime.setup(cfg.train.device, cfg.model.dtype, cfg.train.threads)
     model, tokenizer, adapters = load_for_inference(target, rt.device)
+    print(target.describe(model), file=sys.stderr, flush=True)
     train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, cfg.train.micro_batch_size,
                                                         cfg.train.seed)
     loader = eval_loader if args.split == "eval" else train_loader
     if loader is None:
         raise UsageError("the recipe holds out no eval rows (data.eval_size / eval_fraction); use --split train")
     max_batches = args.max_batches if args.max_batches is not None else cfg.train.eval_steps
+    print(held_out_line(cfg.data, args.split, stats), file=sys.stderr, flush=True)
     results = []
     for name in list(target.adapters) or [None]:
         adapters.set_adapter(name)
-        result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, max_batches)
+        progress = EvalProgress(min(len(loader), max_batches or len(loader)), f"eval {name}" if name else "eval")
+        result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, max_batches, progress)
+        progress.close()
         folder = str(target.adapters[name]) if name else None
         result.update(model=cfg.model.name_or_path, adapter=folder, split=args.split, dataset=cfg.data.dataset)
         print(f"{cfg.model.name_or_path}{' + ' + folder if folder else ''} on "
@@ -56,3 +62,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, results[0] if len(results) == 1 else {"results": results})
     return 0
+
+
+def held_out_line(data, split: str, stats) -> str:
+    """Which rows are scored: the data set, how the held-out part is drawn, its size."""
+    if data.eval_dataset:
+        how = f"data.eval_dataset={data.eval_dataset}"
+    elif data.eval_size is not None:
+        how = f"data.eval_size={data.eval_size}, data.seed={data.seed}"
+    else:
+        how = f"data.eval_fraction={data.eval_fraction:g}, data.seed={data.seed}"
+    examples = stats.eval_examples if split == "eval" else stats.train_examples
+    return (f"scoring the {split} split of {data.dataset or 'data.datasets'} ({how}): {examples} examples; "
+            f"{stats.rows} rows read, {stats.skipped_summary()}")

@@ -2,7 +2,7 @@
 
 Generate with TARGET (a run folder, a recipe file, or a model name/folder; a run folder's adapter
 is used unless --base). Without --prompt, chat on standard input (an empty line or EOF ends; /reset
-clears the history). Several --adapter NAME=DIR load onto one base: --use NAME picks the one that
+clears the history; an unknown /command is named, never sent to the model). Several --adapter NAME=DIR load onto one base: --use NAME picks the one that
 answers (default: the first), and in chat `/adapter NAME` switches (`/adapter none`: the base).
 """
 
@@ -40,10 +40,12 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args.target, args.overrides, args.adapter, args.base)
     rt = runtime.setup(target.cfg.train.device, target.cfg.model.dtype, target.cfg.train.threads)
     model, tokenizer, adapters = load_for_inference(target, rt.device)
+    print(f"{target.describe(model)}; prompts as {'raw text' if args.no_chat else target.style}",
+          file=sys.stderr, flush=True)
     if args.use is not None:
         adapters.set_adapter(None if args.use == "none" else args.use)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   chat=not args.no_chat, seed=args.seed)
+                   chat=not args.no_chat, seed=args.seed, style=target.style)
     if args.prompt is not None:
         print(generate(model, tokenizer, args.prompt, **options))
         return 0
@@ -55,16 +57,26 @@ def run(args: argparse.Namespace) -> int:
         line = sys.stdin.readline()
         if not line or not line.strip():
             return 0
-        if line.strip() == "/reset":
-            history.clear()
-            continue
-        if line.split()[0] == "/adapter":
-            print(switch(adapters, line.split()[1:]), file=sys.stderr, flush=True)
+        if line.startswith("/"):
+            print(chat_command(line.split(), history, adapters), file=sys.stderr, flush=True)
             continue
         history.append({"role": "user", "content": line.strip()})
         answer = generate(model, tokenizer, history if not args.no_chat else line.strip(), **options)
         history.append({"role": "assistant", "content": answer})
         print(f"{'bot> ' if interactive else ''}{answer}", flush=True)
+
+
+COMMANDS = "/reset (clear the history), /adapter [NAME|none] (switch or list adapters)"
+
+
+def chat_command(words: list[str], history: list[dict], adapters) -> str:
+    """A `/command` line in chat (never sent to the model); returns what to tell the user."""
+    if words[0] == "/reset":
+        history.clear()
+        return "history cleared"
+    if words[0] == "/adapter":
+        return switch(adapters, words[1:])
+    return f"unknown command {words[0]}; commands: {COMMANDS}"
 
 
 def switch(adapters, words: list[str]) -> str:

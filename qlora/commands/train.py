@@ -53,4 +53,5 @@ def print_summary(summary: dict) -> None:
     kept = f" (best eval, step {best['step']})" if best else ""
     print(f"trained {steps} at {summary['train_tokens_per_s']:.0f} tokens/s; adapter{kept}: {summary['adapter']}")
     for s in summary.get("samples", []):
-        print(f"\n> {s['prompt']}\n  before: {s['before']}\n  after:  {s['after']}")
+        reference = f"\n  reference (held-out row): {s['reference']}" if s.get("reference") else ""
+        print(f"\n> {s['prompt']}{reference}\n  before: {s['before']}\n  after:  {s['after']}")

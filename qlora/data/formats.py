@@ -67,6 +67,11 @@ def detect_format(columns: Sequence[str], fmt: str, where: str = "the data set")
     for name in candidates:
         if all(c in columns for c in FORMAT_COLUMNS[name]):
             return name
+    fits = [n for n, c in FORMAT_COLUMNS.items() if all(col in columns for col in c)]
+    if fits:  # a pinned format the columns do not fit, but another one does
+        raise UsageError(f"data.format {fmt!r}: {where} has columns {columns}, which do not fit {fmt!r} "
+                         f"(it needs {', '.join(FORMAT_COLUMNS[fmt])}); did you mean data.format={fits[0]} "
+                         "(or data.format=auto)?")
     wanted = "; ".join(f"{n}: {', '.join(c)}" for n, c in FORMAT_COLUMNS.items() if n in candidates)
     raise UsageError(f"data.format {fmt!r}: {where} has columns {columns}, which fit no format "
                      f"(needed columns - {wanted}; data.columns maps other names)")

@@ -75,8 +75,8 @@ def make_dataloaders(tokenizer, cfg: DataConfig, micro_batch_size: int, seed: in
         stats.first_skipped.setdefault(reason, rows.skips.first[reason])
     train, stats.train_target_tokens = _examples(rows, "train", tokenizer, cfg, stats)
     evals, _ = _examples(rows, "eval", tokenizer, cfg, stats)
-    if stats.skipped:
-        log.warning("data: %d rows, %s", stats.rows, stats.skipped_summary())
+    if stats.skipped:  # the callers print the summary (train's `data:` line, eval's held-out line)
+        log.info("data: %d rows, %s", stats.rows, stats.skipped_summary())
     if len(train) == 0:
         reason, row = next(iter(stats.first_skipped.items()), ("no rows", 0))
         raise UsageError(f"no usable training rows (e.g. {reason}, row {row})")

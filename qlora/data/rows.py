@@ -16,6 +16,7 @@ data sets, so a second run (or `qlora eval`) on unchanged data reads its result 
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from collections import Counter
@@ -27,6 +28,8 @@ from qlora.data.formats import BadRow, RowError, canonical, detect_format, known
 from qlora.data.sources import load_source
 from qlora.errors import UsageError
 from qlora.hf.chat_template import is_template_file, read_template_file
+
+log = logging.getLogger("qlora")
 
 
 @dataclass
@@ -134,13 +137,27 @@ def _good(ds, skips: Skips, label: str):
 def split_rows(rows: Sequence, cfg: DataConfig) -> tuple[list[int], list[int]]:
     """Deterministic (train, eval) row indices, both in data set order; eval chosen by `cfg.seed`."""
     n = len(rows)
-    n_eval = cfg.eval_size if cfg.eval_size is not None else round(cfg.eval_fraction * n)
-    if n_eval >= n:
-        raise UsageError(f"data.eval_size / eval_fraction hold out {n_eval} of {n} rows; "
-                         "leave at least one row for training")
+    n_eval = held_out_count(n, cfg)
     order = list(range(n))
     random.Random(cfg.seed).shuffle(order)
     return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def held_out_count(n: int, cfg: DataConfig) -> int:
+    """How many of `n` rows are held out: `eval_size` (or `eval_fraction` of them), scaled down with a
+    printed note to a tenth of the rows (at least 1) when that would leave under half for training
+    (a recipe's hold-out of 64 rows on a user's 60-row file)."""
+    asked = cfg.eval_size if cfg.eval_size is not None else round(cfg.eval_fraction * n)
+    if asked <= n // 2 or n < 2:
+        if asked >= n:
+            raise UsageError(f"data.eval_size / eval_fraction hold out {asked} of {n} rows; "
+                             "leave at least one row for training")
+        return asked
+    scaled = max(1, round(0.1 * n))
+    key = f"data.eval_size={cfg.eval_size}" if cfg.eval_size is not None else f"data.eval_fraction={cfg.eval_fraction:g}"
+    log.warning("note: %s would hold out %d of the %d usable rows; holding out %d (a tenth) instead so that most "
+                "rows train; set data.eval_size to choose", key, asked, n, scaled)
+    return scaled
 
 
 def repeat(indices: list[int], weight: float, rng: random.Random) -> list[int]:

@@ -9,6 +9,8 @@ are built once into a cache folder and reused afterwards:
   original checkpoint, not its exact bf16 weights: a fine base for fine-tuning, not a bit-exact copy.
 - ``tiny-llama``: a 2-layer random ``LlamaForCausalLM`` (hidden 64, SmolLM2's tokenizer and chat
   template), generated deterministically in-process. Smoke tests and the tiny recipe use it.
+- ``tiny-mixtral``: the same with a 4-expert top-2 mixture-of-experts MLP, saved in the hub's
+  per-expert layout; the tiny MoE recipe (recipes/tiny_moe_smoke.yaml) uses it.
 
 The cache lives in ``$QLORA_HOME`` (default ``$XDG_CACHE_HOME/qlora``, i.e. ``~/.cache/qlora``).
 Every folder is written to a temporary sibling and renamed into place, so a folder that exists is
@@ -25,6 +27,7 @@ Known pitfalls of the GGUF route, each handled below:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -115,9 +118,23 @@ def _build_smollm2(out: Path) -> None:
     gguf = _smollm2_gguf()
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config.eos_token_id = config.pad_token_id = 2  # <|im_end|>, as in the tokenizer
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    with _transformers_errors_only():  # its "pass dtype=torch.float32" advice is not for a one-off bf16 copy
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     _write_folder(out, config, model.state_dict())
     _copy_tokenizer(out)
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """transformers' logging at ERROR inside the block (its warnings are not the user's to act on)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _copy_tokenizer(out: Path) -> None:
@@ -183,7 +200,26 @@ def _build_tiny_llama(out: Path) -> None:
     _copy_tokenizer(out)
 
 
+TINY_MIXTRAL = dict(TINY_LLAMA, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
+def _build_tiny_mixtral(out: Path) -> None:
+    """tiny-llama's shape with a 4-expert, top-2 MoE MLP, saved by transformers in the hub's
+    per-expert layout (``block_sparse_moe.experts.3.w1.weight``), so loading it exercises the
+    checkpoint conversion as a real Mixtral does."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**{k: v for k, v in TINY_MIXTRAL.items() if k != "model_type"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = MixtralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    _copy_tokenizer(out)
+
+
 EMBEDDED_MODELS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m": _build_smollm2,
     "tiny-llama": _build_tiny_llama,
+    "tiny-mixtral": _build_tiny_mixtral,
 }

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qlora.choices import BNB_QUANT_TYPES
+from qlora.data.prompt_style import STYLE_FILE
 from qlora.dtypes import hf_name
 from qlora.errors import UsageError
 from qlora.hf.files import copy_tokenizer_files, save_state_dict
@@ -31,6 +32,7 @@ from qlora.io import atomic_folder, check_output
 from qlora.outputs import check_destination
 from qlora.outputs import provenance, write_provenance
 from qlora.quant.format import QuantFormat
+from qlora.run_dir import RECIPE
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,14 +49,17 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_model_folder(model: nn.Module, out: Path, source: Path, config_updates: dict) -> None:
-    """Weights, config.json (plus ``config_updates``), generation config and tokenizer files."""
+    """Weights, config.json (plus ``config_updates``), generation config and tokenizer files, and
+    the run's recipe and prompt style when ``source`` carries them (a merged folder being quantised:
+    the 4-bit copy is evaluated on the same held-out rows)."""
     save_state_dict(out, hf_state_dict(model))
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     config.update(config_updates)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if (source / "generation_config.json").is_file():
-        shutil.copy2(source / "generation_config.json", out / "generation_config.json")
+    for name in ("generation_config.json", RECIPE, STYLE_FILE):
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
     copy_tokenizer_files(source, out)
 
 
@@ -97,8 +102,17 @@ def export_quantized(model: nn.Module, out_dir: str | Path, source: str | Path, 
     ``provenance`` a writer's record (`qlora.outputs`).
     """
     from qlora.nn import Linear4bit
+    from qlora.nn.experts4bit import Experts4bit
 
     out_dir = check_output(out_dir, overwrite)
+    experts = [fqn for fqn, m in model.named_modules() if isinstance(m, Experts4bit)]
+    if experts:
+        raise UsageError(
+            f"export: {len(experts)} fused expert weights (e.g. {experts[0]!r}) are in qlora's 4-bit experts store, "
+            "which bitsandbytes' 4-bit format cannot describe (it quantises nn.Linear only) and transformers would "
+            "not load; keep the 16-bit checkpoint (qlora quantises experts while loading) or write a bf16 folder "
+            "with `qlora merge`"
+        )
     packed = {m.weight.dtype for m in model.modules() if isinstance(m, Linear4bit)}
     if packed - {torch.uint8}:
         raise UsageError(f"export: packed weights stored as {packed}; export needs quant_storage=torch.uint8")

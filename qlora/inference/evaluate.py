@@ -11,6 +11,7 @@ its first batch, so every evaluation of a run scores the same tokens.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,9 +20,11 @@ from qlora import runtime
 
 
 @torch.no_grad()
-def evaluate(loss_fn: nn.Module, loader, rt: runtime.Runtime, max_batches: int | None = None) -> dict:
+def evaluate(loss_fn: nn.Module, loader, rt: runtime.Runtime, max_batches: int | None = None,
+             on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Mean token loss and perplexity over the eval loader on all processes.
 
+    `on_batch(batches done, target tokens so far)` after each micro-batch (a progress display).
     `max_batches` caps the micro-batches in total (split over the processes, which take
     alternate batches), so the same batches are evaluated whatever the number of processes.
     """
@@ -36,6 +39,8 @@ def evaluate(loss_fn: nn.Module, loader, rt: runtime.Runtime, max_batches: int |
             break
         loss_sum, n = loss_fn(**{k: v.to(rt.device) for k, v in batch.items()})
         total, count = total + float(loss_sum), count + int(n)
+        if on_batch is not None:
+            on_batch(i + 1, count)
     loss_fn.train(was_training)
     total, count = runtime.all_reduce_sum([total, count], rt)
     loss = total / max(count, 1)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from qlora.errors import UsageError
+from qlora.data.prompt_style import alpaca_prompt
 from qlora.nn.adapter import adapter_layers
 
 
@@ -30,14 +31,15 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.disabled = False
 
 
-def render_chat(tokenizer, messages: list[dict], chat: bool = True) -> str:
-    """A conversation rendered with the tokenizer's chat template, ending in the assistant header.
-
-    Without a chat template (or with `chat=False`) the last user message is used as raw text.
-    """
-    if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return messages[-1]["content"]
+def render_prompt(tokenizer, messages: list[dict], style: str = "chat") -> tuple[str, bool]:
+    """(prompt text, whether the chat template rendered it) in the run's prompt style
+    (`qlora.data.prompt_style`): a conversation through the chat template ending in the assistant
+    header, or the last user message in the Alpaca prompt, or as raw text (also when the tokenizer
+    has no chat template)."""
+    if style == "chat" and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    last = messages[-1]["content"]
+    return (alpaca_prompt(last) if style == "alpaca" else last), False
 
 
 def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -52,11 +54,12 @@ def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 48,
-             temperature: float = 0.0, top_p: float = 1.0, chat: bool = True, seed: int | None = None) -> str:
-    """Answer one prompt (or a list of chat messages); temperature 0 is greedy decoding."""
+             temperature: float = 0.0, top_p: float = 1.0, chat: bool = True, seed: int | None = None,
+             style: str = "chat") -> str:
+    """Answer one prompt (or a list of chat messages) rendered in `style` (`chat=False`: raw text);
+    temperature 0 is greedy decoding."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    text = render_chat(tokenizer, messages, chat)
-    templated = chat and getattr(tokenizer, "chat_template", None)
+    text, templated = render_prompt(tokenizer, messages, style if chat else "raw")
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
     inputs = inputs.to(next(model.parameters()).device)
     check_context(model, inputs["input_ids"].shape[1], max_new_tokens)
@@ -77,12 +80,14 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[dict], *, max_new_t
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def before_after(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[dict]:
-    """Greedy answers of the base model (adapters off) and of the adapted model, per prompt."""
+def before_after(model: nn.Module, tokenizer, prompts: list[dict], max_new_tokens: int = 40,
+                 style: str = "chat") -> list[dict]:
+    """Greedy answers of the base model (adapters off) and of the adapted model, per prompt
+    ({prompt, reference}: a held-out question and the answer its row holds)."""
     rows = []
-    for prompt in prompts:
+    for item in prompts:
         with adapters_disabled(model):
-            before = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
-        after = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
-        rows.append({"prompt": prompt, "before": before, "after": after})
+            before = generate(model, tokenizer, item["prompt"], max_new_tokens=max_new_tokens, style=style)
+        after = generate(model, tokenizer, item["prompt"], max_new_tokens=max_new_tokens, style=style)
+        rows.append({**item, "before": before, "after": after})
     return rows

@@ -1,14 +1,19 @@
 """Resolve what `qlora eval` / `qlora generate` should load, and load it.
 
 A TARGET is one of
-- a run folder (has `recipe.yaml`; its `adapter/` is used unless `--base`; a run still training, or
-  stopped before its final adapter, uses its newest verified checkpoint's adapter and says so),
+- a run folder (has `recipe.yaml` and no `config.json`; its `adapter/` is used unless `--base`; a
+  run still training, or stopped before its final adapter, uses its newest verified checkpoint's
+  adapter and says so),
 - a recipe file (`*.yaml`),
-- a model: a built-in name (`smollm2-135m`), a local HF folder, or a 4-bit export.
+- a model: a built-in name (`smollm2-135m`), a local HF folder, or a 4-bit export. A merged or
+  4-bit folder that qlora wrote carries its run's `recipe.yaml`: the folder itself is the model
+  (16-bit as merged, or 4-bit as exported; no adapter), and the recipe gives the data settings, so
+  it is evaluated on its run's held-out rows (`recipe_of_model_folder`).
 An adapter whose run folder holds a `base/` (saved when `lora.init` changed the 4-bit base, as
 PiSSA does) is applied to that base, which loads as stored.
 The recipe (or the defaults, for a bare model) supplies the quantisation and data settings;
-`section.key=value` overrides apply on top, as for `qlora train`.
+`section.key=value` overrides apply on top, as for `qlora train`. `Target.describe` names what was
+loaded (folder, adapters, 4-bit or 16-bit) and where the data settings came from.
 
 `--adapter [NAME=]DIR` may repeat: every adapter is loaded onto the one base
 (`qlora.adapters.multi.AdapterSet`), named NAME or its folder's name, and the first is active.
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora.config import RecipeConfig
-from qlora.recipe import apply_override, load_recipe, recipe_from_dict
+from qlora.recipe import apply_override, load_recipe, read_recipe, recipe_from_dict
 from qlora.errors import UsageError
 from qlora.adapters.spec import read_spec
 from qlora.run_dir import ADAPTER, LOCK, RunDir, saved_base
@@ -47,6 +52,26 @@ class Target:
     cfg: RecipeConfig
     adapters: dict[str, Path]
     """Adapter folders by name, in command-line order (the first is active after loading)."""
+    settings: str = "the defaults"
+    """Where the data settings came from: a recipe file, or the defaults."""
+
+    def describe(self, model: nn.Module) -> str:
+        """One line: the model folder, 4-bit or 16-bit, the adapters, the data settings' source."""
+        from qlora.nn import Linear4bit
+
+        fmt = next((m.format for m in model.modules() if isinstance(m, Linear4bit)), None)
+        kind = f"4-bit {fmt.quant_type}" if fmt is not None else "16-bit"
+        names = ", ".join(f"{name}={folder}" for name, folder in self.adapters.items()) or "none"
+        return (f"loaded {self.cfg.model.name_or_path} ({kind}); adapter: {names}; "
+                f"data settings from {self.settings}")
+
+    @property
+    def style(self) -> str:
+        """The prompt style saved with the adapters, else with the model folder, else chat."""
+        from qlora.data.prompt_style import read_style
+
+        model = Path(self.cfg.model.name_or_path)
+        return read_style(*self.adapters.values(), model if model.is_dir() else None) or "chat"
 
 
 def parse_adapters(items: list[str]) -> dict[str, Path]:
@@ -67,12 +92,14 @@ def parse_adapters(items: list[str]) -> dict[str, Path]:
 def resolve_target(target: str, overrides: list[str], adapters: list[str] | None = None,
                    base_only: bool = False) -> Target:
     path, run = Path(target), RunDir(target)
-    run_adapter = None
-    if path.is_dir() and run.recipe.is_file():
-        cfg = load_recipe(run.recipe, overrides)
+    run_adapter, settings = None, "the defaults"
+    if path.is_dir() and run.recipe.is_file() and (path / "config.json").is_file():
+        cfg, settings = recipe_of_model_folder(path, overrides), str(run.recipe)
+    elif path.is_dir() and run.recipe.is_file():
+        cfg, settings = load_recipe(run.recipe, overrides), str(run.recipe)
         run_adapter = None if base_only or adapters else run_adapter_of(run)
     elif path.suffix in (".yaml", ".yml"):
-        cfg = load_recipe(path, overrides)
+        cfg, settings = load_recipe(path, overrides), str(path)
     else:
         data: dict = {"model": {"name_or_path": target}}
         for item in overrides:
@@ -85,7 +112,20 @@ def resolve_target(target: str, overrides: list[str], adapters: list[str] | None
     else:
         chosen = {"adapter": run_adapter} if run_adapter else {}
     _use_saved_base(cfg, chosen)
-    return Target(cfg, chosen)
+    return Target(cfg, chosen, settings)
+
+
+def recipe_of_model_folder(folder: Path, overrides: list[str]) -> RecipeConfig:
+    """The recipe of a merged / 4-bit folder: its run's model, data and train settings, with the
+    folder as the model, loaded as stored (quant off: merged weights stay 16-bit; a 4-bit export
+    loads its own packed weights), and no adapter settings."""
+    data = read_recipe(RunDir(folder).recipe)
+    kept = {name: dict(data.get(name) or {}) for name in ("model", "data", "train")}
+    kept["model"]["name_or_path"] = str(folder)
+    kept["quant"] = {"enabled": False}
+    for item in overrides:
+        apply_override(kept, item)
+    return recipe_from_dict(kept)
 
 
 def run_adapter_of(run: RunDir) -> Path | None:

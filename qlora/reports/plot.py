@@ -10,9 +10,11 @@ JSON and explain why the PNG is absent. Figures are rendered to memory and writt
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
+from qlora.display import BETA, ema
 from qlora.errors import UsageError
 from qlora.io import write_bytes_atomic
 from qlora.run_dir import read_metrics
@@ -68,7 +70,8 @@ def load_run_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]
 
 
 def plot_loss_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Train (and eval) loss against step and against tokens seen, and the learning rate, as a PNG."""
+    """Train (and eval) loss against step (raw and smoothed) and against tokens seen, and the
+    learning rate, as a PNG."""
     return save_figure(loss_figure(run_dir), out)
 
 
@@ -80,8 +83,10 @@ def loss_figure(run_dir: str | os.PathLike):
     # neighbouring panel's tick labels.
     fig, (ax_step, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
     steps = [r["step"] for r in train]
-    if train:
-        ax_step.plot(steps, [r["loss"] for r in train], lw=1, label="train")
+    if train:  # the raw per-step loss, faint, under its moving average (qlora.display.ema)
+        raw = [r["loss"] if r["loss"] is not None else math.nan for r in train]
+        ax_step.plot(steps, raw, lw=0.8, alpha=0.35, color="C0", label="train (per step)")
+        ax_step.plot(steps, ema(raw), lw=1.6, color="C0", label=f"train (smoothed, EMA {BETA})")
     if evals:
         ax_step.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
     ax_step.set(xlabel="optimiser step", ylabel="loss (nats/token)", title="loss")

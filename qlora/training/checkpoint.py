@@ -38,11 +38,12 @@ log = logging.getLogger("qlora")
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, spec: LoraSpec, base_model: str,
-                    rank_state: dict, rt, keep: int = 2) -> Path:
+                    rank_state: dict, rt, keep: int = 2, tokenizer=None, prompt_style: str | None = None) -> Path:
     """Write checkpoint `step` atomically (every process calls this) and keep the newest `keep`.
 
     Rank 0 builds the folder under a temporary name and tells the others where it is; each process
-    writes its own state file; rank 0 adds the adapter and renames the folder into place.
+    writes its own state file; rank 0 adds the adapter (with the tokenizer and prompt style, as every
+    adapter folder) and renames the folder into place.
     """
     final = checkpoint_dir(run_dir, step)
     if not rt.is_main:
@@ -55,7 +56,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, spec: LoraSpec, 
         _exchange_path(str(tmp), rt)
         _save_state(rank_state, tmp / STATE_FILE.format(rank=0))
         _barrier(rt)
-        save_adapter(model, tmp / ADAPTER, spec, base_model, prune_ranks=False)
+        save_adapter(model, tmp / ADAPTER, spec, base_model, prune_ranks=False, tokenizer=tokenizer,
+                     prompt_style=prompt_style)
         write_manifest(tmp)
     older = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p != final)
     for stale in older[: max(0, len(older) - (keep - 1))]:

@@ -78,10 +78,11 @@ class Evaluator:
 
     def __init__(self, tc: TrainConfig, loss_fn: nn.Module, loader, rt: runtime.Runtime, metrics: MetricsLogger,
                  model: nn.Module, tokenizer, prompts: list[str], run_dir: Path, spec: LoraSpec, base_name: str,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], style: str = "chat") -> None:
         self.tc, self.loss_fn, self.loader, self.rt, self.metrics = tc, loss_fn, loader, rt, metrics
         self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
         self.best_dir, self.spec, self.base_name, self.say = Path(run_dir) / BEST, spec, base_name, say
+        self.style = style  # the run's prompt style (qlora.data.prompt_style)
         self.best = BestTracker(tc.early_stopping_threshold)
         self.last_step: int | None = None
         self.last_record: dict | None = None
@@ -98,7 +99,8 @@ class Evaluator:
         record = {"step": step, **evaluate(self.loss_fn, self.loader, self.rt, self.tc.eval_steps)}
         if self.prompts:
             record["samples"] = [{"prompt": p, "answer": generate(self.model, self.tokenizer, p,
-                                                                  max_new_tokens=self.tc.eval_sample_tokens)}
+                                                                  max_new_tokens=self.tc.eval_sample_tokens,
+                                                                  style=self.style)}
                                  for p in self.prompts]
         new_best = self.best.update(step, record)
         if new_best and self.tc.keep_best and self.rt.is_main:
@@ -119,7 +121,8 @@ class Evaluator:
     def _save_best(self, record: dict) -> None:
         """best/ = this adapter + best.json, replaced as one folder."""
         with atomic_folder(self.best_dir, replace=True) as tmp:
-            save_adapter(self.model, tmp, self.spec, self.base_name, prune_ranks=False)  # reloadable as is
+            save_adapter(self.model, tmp, self.spec, self.base_name, prune_ranks=False,  # reloadable as is
+                         tokenizer=self.tokenizer, prompt_style=self.style)
             write_json_atomic(tmp / BEST_RECORD, self.best.best_record)
 
     def restore_best(self) -> dict | None:

@@ -42,7 +42,9 @@ from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.surgery import trainable_summary
 from qlora.config import RecipeConfig
 from qlora.recipe import recipe_to_dict, save_recipe
-from qlora.data.formats import prompt_of
+from qlora.data.prompt_style import style_of_rows
+from qlora.display import TrainDisplay
+from qlora.data.samples import sample_prompts
 from qlora.data.loaders import make_dataloaders
 from qlora.data.rows import Rows, load_rows
 from qlora.errors import UsageError
@@ -52,13 +54,16 @@ from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
 from qlora.run_dir import RunDir, read_metrics
 from qlora.training.build import build_model, prepare_run_dir
-from qlora.training.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from qlora.training.checkpoint import checkpoint_dir, load_checkpoint, load_optimizer_state, save_checkpoint
 from qlora.training.evals import Evaluator
 from qlora.training.guard import StepGuard, inject_nan
 from qlora.training.lock import clear_run_dir, run_lock
 from qlora.training.metrics import MetricsLogger, logged_throughput
+from qlora.training.signals import GracefulStop
 from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
+from qlora.training.optim import check_available as check_optimizer
+from qlora.training.offload import activation_offload
 
 log = logging.getLogger("qlora")
 
@@ -80,10 +85,6 @@ def _micro_batches(loader):
             raise UsageError("the training data produced no batches")
 
 
-def _sample_prompts(rows: Rows, k: int) -> list[str]:
-    return [p for row in rows.eval.select(range(min(len(rows.eval), 4 * k))) if (p := prompt_of(row))][:k]
-
-
 def no_phases(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
@@ -97,14 +98,15 @@ def train(cfg: RecipeConfig, *, resume: bool = False, samples: int = 0,
     "load", "forward", "backward", "optimizer", "eval", "save". `rows` are the recipe's checked
     data rows when the caller read them already (`qlora.data.rows.load_rows`).
     """
-    with run_lock(Path(cfg.output.dir), enabled=runtime.process_rank() == 0):
-        return _train(cfg, resume, samples, phase, rows or load_rows(cfg.data))
+    with run_lock(Path(cfg.output.dir), enabled=runtime.process_rank() == 0), GracefulStop() as stop:
+        return _train(cfg, resume, samples, phase, rows or load_rows(cfg.data), stop)
 
 
 def _train(cfg: RecipeConfig, resume: bool, samples: int,
-           phase: Callable[[str], contextlib.AbstractContextManager], rows: Rows) -> dict:
+           phase: Callable[[str], contextlib.AbstractContextManager], rows: Rows, stop: GracefulStop) -> dict:
     tc = cfg.train
     rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
+    check_optimizer(cfg.optim, rt.device)  # a missing bitsandbytes is said before the model loads
     run_dir, clear_old_run, checkpoint = prepare_run_dir(cfg, resume)
     runtime.seed_everything(tc.seed)
     say = print if rt.is_main else (lambda *a, **k: None)
@@ -158,9 +160,11 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     # FSDP layers need every process for a forward pass, so sample answers only without FSDP.
     sharded = rt.distributed and tc.distributed == "fsdp"
     k = max(samples, tc.eval_samples)
-    prompts = _sample_prompts(rows, k) if k and rt.is_main and not sharded else []
-    evaluator = Evaluator(tc, loss_fn, eval_loader, rt, metrics, model, tokenizer, prompts[:tc.eval_samples],
-                          run_dir, spec, base_name, say=tqdm.write if rt.is_main else say)
+    prompts = sample_prompts(rows, k) if k and rt.is_main and not sharded else []
+    style = style_of_rows(rows)  # how prompts are rendered at sample / generate time, saved with every adapter
+    evaluator = Evaluator(tc, loss_fn, eval_loader, rt, metrics, model, tokenizer,
+                          [p["prompt"] for p in prompts[:tc.eval_samples]], run_dir, spec, base_name,
+                          say=tqdm.write if rt.is_main else say, style=style)
     if checkpoint is not None and "best" in state:
         evaluator.best.load_state_dict(state["best"])
     if checkpoint is not None and RunDir(run_dir).metrics.is_file():  # every rank: they evaluate together
@@ -172,21 +176,23 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             summary["eval_before"] = evaluator(0, " (before training)")
 
     batches = _micro_batches(train_loader)
+    offload = activation_offload(tc.offload_activations, rt.device)  # layer inputs to pinned host memory
     guard = StepGuard(tc.max_bad_steps)
     model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not rt.is_main, desc="train", unit="step")
+    bar = TrainDisplay(total_steps, progress.step, steps_per_epoch, tc.log_every, enabled=rt.is_main)
     t_train, tokens_at_start = time.perf_counter(), progress.tokens
-    while progress.step < total_steps:
+    stop.arm(run_dir)  # SIGINT / SIGTERM: finish the step, checkpoint it, exit 130 / 143
+    while progress.step < total_steps and not stop.agreed:
         t0 = time.perf_counter()
         window = [next(batches) for _ in range(tc.grad_accum_steps)]  # micro-batches of this step
-        local = [int((b["labels"][:, 1:] != -100).sum()) for b in window]
-        in_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+        local = [b["target_positions"].numel() for b in window]  # host batches: never a device read
+        in_tokens = sum(int(b["attention_mask"].numpy().sum()) for b in window)
         global_targets, global_tokens = runtime.all_reduce_sum([sum(local), in_tokens], rt)
         scale = rt.world_size / max(global_targets, 1.0)
         loss_total = torch.zeros((), device=rt.device)  # stays on the device: no sync per micro-batch
         for i, batch in enumerate(window):
             with gradient_sync(loss_fn, sync=i == len(window) - 1):
-                with phase("forward"):
+                with phase("forward"), offload:
                     loss_sum, _ = loss_fn(**{k: v.to(rt.device, non_blocking=True) for k, v in batch.items()})
                 with phase("backward"):
                     (loss_sum * scale + _penalty(hooks) / len(window)).backward()
@@ -194,9 +200,9 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         with phase("optimizer"):
             inject_nan(optimizer, progress.step + 1)  # test hook, off unless QLORA_INJECT_NAN_STEPS is set
             grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
-            hook_metrics = {}
-            if step_ok := guard.step_ok(grad_norm, progress.step + 1):
-                optimizer.step()
+            guard.step(optimizer, grad_norm, progress.step + 1)  # a no-op when non-finite; no host read
+            step_ok, hook_metrics = True, {}
+            if hooks and (step_ok := guard.resolve()):  # adapter hooks (AdaLoRA's ranks) read anyway
                 for hook in hooks:
                     hook_metrics.update(hook.after_step(progress.step + 1))
             scheduler.step()
@@ -207,13 +213,14 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         progress.tokens += int(global_tokens)
         bar.update(1)
         if progress.step % tc.log_every == 0 or progress.step == total_steps:  # the only host reads
+            step_ok = guard.resolve()
             dt = time.perf_counter() - t0
             record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
                       "loss": float(loss_total) / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
                       "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
                       "grad_norm": float(grad_norm), **hook_metrics, **({} if step_ok else {"skipped": True})}
             metrics.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.log(record)  # smoothed loss, lr, epoch, tokens/s, ETA
             summary["last_loss"] = record["loss"]
 
         if eval_loader is not None and tc.eval_every and progress.step % tc.eval_every == 0:
@@ -224,7 +231,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                 f"a loss below {evaluator.best.best_loss:.4f} - {tc.early_stopping_threshold:g}")
             summary["stopped_early_at"] = progress.step
             break
-        if tc.save_every and progress.step % tc.save_every == 0:
+        if stop.pending(rt) or (tc.save_every and progress.step % tc.save_every == 0):
             with phase("save"), full_parameters(loss_fn):
                 if not guard.can_checkpoint(model, progress.step):
                     continue
@@ -232,8 +239,10 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                          "sampler": train_loader.batch_sampler.state_dict(), "rng": runtime.rng_state(),
                          "progress": {"step": progress.step, "tokens": progress.tokens},
                          "hooks": [hook.state_dict() for hook in hooks], "best": evaluator.best.state_dict()}
-                save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt, keep=tc.keep_checkpoints)
+                save_checkpoint(run_dir, progress.step, model, spec, base_name, state, rt, keep=tc.keep_checkpoints,
+                                tokenizer=tokenizer, prompt_style=style)
     bar.close()
+    stop.finish(progress.step, checkpoint_dir(run_dir, progress.step))
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
     if progress.tokens == tokens_at_start and rt.is_main:  # resumed at the final step: nothing trained now
@@ -253,11 +262,10 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     with phase("save"), full_parameters(loss_fn):
         guard.check_final(model, progress.step)
         if rt.is_main:
-            save_adapter(model, RunDir(run_dir).adapter, spec, base_name,
-                         tokenizer=tokenizer if cfg.data.chat_template else None)
+            save_adapter(model, RunDir(run_dir).adapter, spec, base_name, tokenizer=tokenizer, prompt_style=style)
             summary["adapter"] = str(RunDir(run_dir).adapter)
     if prompts and samples:
-        summary["samples"] = before_after(model, tokenizer, prompts[:samples])
+        summary["samples"] = before_after(model, tokenizer, prompts[:samples], style=style)
     if rt.is_main:
         summary["loss_plot"] = _plot(run_dir)
     metrics.close()
