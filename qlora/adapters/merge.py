@@ -8,7 +8,8 @@ For a LoRA adapter on module m with A (r, in), B (out, r) and scaling s:
 where W_m is the 16-bit base weight, or the exactly dequantised 4-bit one (never re-quantised).
 `merge_state_dict` does this over plain dicts (a base state dict, 16-bit or bitsandbytes 4-bit,
 and a PEFT-keyed adapter state dict) with no model built: the form that adapter composition and
-hot swap need. `merge_lora` does the same to a loaded model in place, through the same two
+hot swap need. Its per-weight step, `AdapterUpdates.apply`, is also what `qlora export --gguf`
+streams through, one tensor at a time. `merge_lora` does the same to a loaded model in place, through the same two
 functions (`lora_delta`, `add_delta`), so both agree bit for bit (tested). `merge_adapter` is the
 `qlora merge` command: load the base, merge, write a Hugging Face folder with the recipe beside it.
 """
@@ -59,10 +60,39 @@ def dequantized_state_dict(base: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def adapter_deltas(adapter: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, torch.Tensor]:
-    """`<fqn>.weight` -> fp32 scaling * B @ A, from a PEFT-keyed adapter state dict."""
-    return {f"{fqn}.weight": lora_delta(lora_A, lora_B, spec.scaling)
-            for fqn, (lora_A, lora_B) in lora_pairs(adapter).items()}
+class AdapterUpdates:
+    """What an adapter changes, weight by weight: `apply(key, W)` is W's merged value, computed
+    when asked (one fp32 delta alive at a time), so a merge can stream one tensor at a time.
+
+    Built from a PEFT-keyed adapter state dict and its spec; `check(shapes)` refuses an adapter
+    that does not fit a base (a missing weight or another shape) before anything is merged.
+    """
+
+    def __init__(self, adapter: dict[str, torch.Tensor], spec: LoraSpec) -> None:
+        self.scaling = spec.scaling
+        self.pairs = {f"{fqn}.weight": pair for fqn, pair in lora_pairs(adapter).items()}
+        self.magnitudes = {f"{k.removeprefix(PEFT_PREFIX).removesuffix(MAGNITUDE_SUFFIX)}.weight": v
+                           for k, v in adapter.items() if k.endswith(MAGNITUDE_SUFFIX)}
+        if self.magnitudes.keys() - self.pairs.keys():
+            extra = sorted(self.magnitudes.keys() - self.pairs.keys())[:3]
+            raise UsageError(f"adapter magnitudes without a lora_A / lora_B pair: {extra}")
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every adapted weight must be in `shapes` (key -> base shape) with the update's shape."""
+        for key, (lora_A, lora_B) in self.pairs.items():
+            want = (lora_B.shape[0], lora_A.shape[1])
+            if tuple(shapes.get(key, ())) != want:
+                got = tuple(shapes[key]) if key in shapes else "no such tensor"
+                raise UsageError(f"adapter update for {key!r} has shape {want}; the base has {got}")
+
+    def apply(self, key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`value` (the base tensor `key`) merged and cast to `dtype`; non-float tensors unchanged."""
+        if key not in self.pairs:
+            return value.to(dtype) if value.is_floating_point() else value
+        delta = lora_delta(*self.pairs[key], self.scaling)
+        if key in self.magnitudes:
+            return dora_weight(value, delta, self.magnitudes[key]).to(dtype)
+        return add_delta(value, delta, dtype)
 
 
 def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], spec: LoraSpec,
@@ -74,24 +104,9 @@ def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Ten
     adapter's shape, otherwise a UsageError names it.
     """
     weights = dequantized_state_dict(base)
-    deltas = adapter_deltas(adapter, spec)
-    for key, delta in deltas.items():
-        if key not in weights or tuple(weights[key].shape) != tuple(delta.shape):
-            got = tuple(weights[key].shape) if key in weights else "no such tensor"
-            raise UsageError(f"adapter update for {key!r} has shape {tuple(delta.shape)}; the base has {got}")
-    magnitudes = {f"{k.removeprefix(PEFT_PREFIX).removesuffix(MAGNITUDE_SUFFIX)}.weight": v
-                  for k, v in adapter.items() if k.endswith(MAGNITUDE_SUFFIX)}
-    if magnitudes.keys() - deltas.keys():
-        raise UsageError(f"adapter magnitudes without a lora_A / lora_B pair: {sorted(magnitudes.keys() - deltas.keys())[:3]}")
-
-    def merged(key: str, value: torch.Tensor) -> torch.Tensor:
-        if key in magnitudes:
-            return dora_weight(value, deltas[key], magnitudes[key]).to(dtype)
-        if key in deltas:
-            return add_delta(value, deltas[key], dtype)
-        return value.to(dtype) if value.is_floating_point() else value
-
-    return {key: merged(key, value) for key, value in weights.items()}
+    updates = AdapterUpdates(adapter, spec)
+    updates.check({key: tuple(value.shape) for key, value in weights.items()})
+    return {key: updates.apply(key, value, dtype) for key, value in weights.items()}
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
