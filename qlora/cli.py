@@ -15,7 +15,7 @@ import sys
 
 from qlora.errors import NonFiniteError, UsageError, describe_os_error
 
-COMMANDS = ("train", "eval", "generate", "merge", "combine", "quantize", "memory", "accuracy", "plot", "config")
+COMMANDS = ("train", "eval", "generate", "merge", "export", "combine", "quantize", "memory", "accuracy", "plot", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:

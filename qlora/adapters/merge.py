@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -33,29 +34,31 @@ QUANT_STATE_INFIX = ".quant_state.bitsandbytes__"
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # PEFT's DoRA key
 
 
-def _quantised_weights(base: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """`<fqn>.weight` -> its bitsandbytes quantisation entries, for every 4-bit weight in `base`."""
-    keys = {k.split(QUANT_STATE_INFIX)[0] for k in base if QUANT_STATE_INFIX in k}
-    parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
-    for key, value in base.items():
+def quantised_parts(keys: Iterable[str]) -> dict[str, list[str]]:
+    """`<fqn>.weight` -> the keys of its bitsandbytes quantisation entries, for every 4-bit weight
+    among checkpoint `keys` (``weight.absmax``, ``weight.quant_map``, ... ``weight.quant_state.*``)."""
+    keys = list(keys)
+    parts: dict[str, list[str]] = {k.split(QUANT_STATE_INFIX)[0]: [] for k in keys if QUANT_STATE_INFIX in k}
+    for key in keys:
         owner = key.rpartition(".")[0]
         while owner and owner not in parts:
             owner = owner.rpartition(".")[0]
         if owner:
-            parts[owner][key] = value
+            parts[owner].append(key)
     return parts
 
 
 def dequantized_state_dict(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`base` with every bitsandbytes 4-bit weight replaced by its exact dequantisation."""
-    quantised = _quantised_weights(base)
+    quantised = quantised_parts(base)
     inner = {k for parts in quantised.values() for k in parts}
     out = {}
     for key, value in base.items():
         if key in inner:
             continue
         if key in quantised:
-            value = dequantize_4bit(value, QuantState.from_dict(quantised[key], prefix=key + "."))
+            state = QuantState.from_dict({k: base[k] for k in quantised[key]}, prefix=key + ".")
+            value = dequantize_4bit(value, state)
         out[key] = value
     return out
 
@@ -135,30 +138,38 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     return model
 
 
+def adapter_base(adapter_dir: Path, base: str | None = None) -> str:
+    """The base an adapter merges into: ``base`` when given, else the base saved in the adapter's
+    run (`lora.init` changed it), else the adapter's ``base_model_name_or_path``."""
+    from qlora.adapters.spec import read_peft_config
+    from qlora.run_dir import saved_base
+
+    found = base or saved_base(adapter_dir) or read_peft_config(adapter_dir).get("base_model_name_or_path")
+    if not found:
+        raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
+    return str(found)
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,
                   dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
     """Merge a PEFT LoRA adapter into its base and write a ``dtype`` HF folder (``qlora merge``).
 
-    ``base`` defaults to the base saved in the adapter's run (`lora.init` changed it), else the
-    adapter's ``base_model_name_or_path``. An unquantised base is loaded in
+    ``base`` defaults as `adapter_base` says. An unquantised base is loaded in
     ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised. Tokenizer files
     saved with the adapter (a recipe's own chat template) replace the base's.
     """
     from qlora.adapters.peft_format import load_adapter
-    from qlora.adapters.spec import read_peft_config
     from qlora.dtypes import hf_name, short_name
     from qlora.hf.export import write_model_folder
     from qlora.hf.files import copy_tokenizer_files
     from qlora.hf.folder import model_folder
     from qlora.hf.load import load_model
     from qlora.io import atomic_folder, check_output
-    from qlora.run_dir import RECIPE, find_recipe, saved_base
+    from qlora.run_dir import RECIPE, find_recipe
 
     adapter_dir = Path(adapter_dir)
     out_dir = check_output(out_dir, overwrite)
-    base = base or saved_base(adapter_dir) or read_peft_config(adapter_dir).get("base_model_name_or_path")
-    if not base:
-        raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
+    base = adapter_base(adapter_dir, base)
     model = load_model(base, quant=None, dtype=dtype)
     load_adapter(model, adapter_dir, dtype=short_name(dtype))
     merge_lora(model, dtype)
