@@ -56,7 +56,9 @@ def test_tiny_llama_with_smollm2_tokenizer(home, tmp_path):
     ids = torch.tensor([ours(TEXT)["input_ids"]])
     want = AutoModelForCausalLM.from_pretrained(builtin_folder("tiny-llama"), dtype=torch.float32).eval()
     assert torch.equal(logits_of(read_back(out), ids), logits_of(want, ids))
-    assert 'PARAMETER stop "<|im_end|>"' in out.with_suffix(".Modelfile").read_text()
+    modelfile = out.with_suffix(".Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
 
 
 @pytest.mark.slow

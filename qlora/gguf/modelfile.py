@@ -2,13 +2,15 @@
 
 Ollama templates are Go templates, not Jinja, so the Jinja chat template the run trained with is
 recognised by its markers and written as the matching Go template (ChatML, Llama 3, Gemma,
-Phi-3) with that family's stop tokens; the tokenizer's eos is always a stop token. A template of
+Phi-3) with that family's stop tokens; the tokenizer's eos is always a stop token. A ChatML
+template that writes a default system turn (SmolLM2's) gets it as the Modelfile's SYSTEM. A template of
 another family is left out: Ollama then derives one from the GGUF's ``tokenizer.chat_template``
 where it knows it, and a comment in the file says so.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from qlora.gguf.vocab import TokenizerInfo
@@ -37,6 +39,20 @@ FAMILIES = (
 )
 
 
+def default_system(template: str) -> str | None:
+    """The system turn a ChatML template writes into a chat that has none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM, ..."): the run trained with it, so Ollama should send it too."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+            messages=[{"role": "user", "content": "?"}], add_generation_prompt=False, bos_token="", eos_token="")
+    except Exception:  # a template that needs transformers' extras (raise_exception, tools, ...)
+        return None
+    found = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.S)
+    return found.group(1) if found else None
+
+
 def modelfile_path(gguf_path: Path) -> Path:
     return gguf_path.with_suffix(".Modelfile")
 
@@ -50,6 +66,9 @@ def modelfile_text(gguf_path: Path, tokenizer: TokenizerInfo) -> str:
         stops.append(tokenizer.eos)
     if family:
         lines.append(f'TEMPLATE """{family[1]}"""')
+        system = default_system(tokenizer.chat_template) if family is FAMILIES[0] else None
+        if system:
+            lines.append(f'SYSTEM """{system}"""')
     else:
         lines.append("# No TEMPLATE: Ollama derives it from the GGUF's tokenizer.chat_template where it can.")
     lines += [f'PARAMETER stop "{stop}"' for stop in stops if stop in tokenizer.tokens]

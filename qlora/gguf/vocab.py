@@ -17,6 +17,9 @@ Two things those classes leave to the converter:
   transformers' GGUF reader keeps (llama.cpp name -> regex). Anything else is written as
   ``default`` with a warning: llama.cpp may then split some text differently.
 
+Whether llama.cpp prepends bos (``add_bos_token``) is what ``SpecialVocab`` reads from
+tokenizer_config.json or tokenizer.json's post-processor, else false, and always written:
+llama.cpp's default differs by vocabulary, transformers adds none unless those files say so.
 A vocabulary shorter than the embedding is padded with ``[PAD<i>]`` tokens (type UNUSED), as
 llama.cpp's converter does; a longer one is an error (the tokenizer is not this model's).
 """
@@ -125,6 +128,7 @@ def write_tokenizer(writer, folder: Path, n_vocab: int, chat_template: str | Non
     special = gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=n_vocab)
     if chat_template is not None:
         special.chat_template = chat_template
+    special.add_special_token.setdefault("bos", False)  # neither file adds one; llama.cpp's default varies
     special.add_to_gguf(writer, quiet=True)
     eos_id = special.special_token_ids.get("eos")
     texts = tuple(t.decode("utf-8", errors="replace") for t in tokens)

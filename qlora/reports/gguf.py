@@ -60,6 +60,7 @@ def llama_cpp_model(path: Path, n_ctx: int):
     from llama_cpp import Llama
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    n_ctx = max(n_ctx, 512)  # llama.cpp pads small contexts to 256; 128 with logits_all crashed 0.3.36
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, logits_all=True,
                  verbose=False)
 
