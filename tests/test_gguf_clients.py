@@ -86,7 +86,7 @@ def main_run(home, tmp_path_factory):
 @needs_smollm2
 def test_llama_cpp_greedy_equals_transformers(main_run, tmp_path):
     """llama.cpp loads the exported main-job model: same prompt tokens, same greedy answers as
-    transformers on the merged f16 model, and q8_0 perplexity within 1% of the merged bf16 model's."""
+    transformers on the merged f16 model."""
     pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (the llama-cpp extra)")
     from qlora.reports import gguf as R
     from qlora.run_dir import RunDir
@@ -103,7 +103,37 @@ def test_llama_cpp_greedy_equals_transformers(main_run, tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
         want = R.hf_greedy(merged, prompt, 24, tok.eos_token_id)
         assert R.llama_cpp_greedy(llm, prompt, 24, tok.eos_token_id) == want, tok.decode(want)
-    stream = R.heldout_stream(chats, tok)[: 8 * 128]
-    ref = R.hf_nll(_merged(adapter, tmp_path / "merged-bf16"), stream, 128)
+
+
+# A llama.cpp compiled with GGML_NATIVE on a VM that advertises AMX it cannot run (this machine's
+# EPYC guest) dies on every quantised type (SIGSEGV / SIGILL); f16 / bf16 work.
+PORTABLE_BUILD = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" '
+                  "pip install --force-reinstall --no-deps llama-cpp-python==0.3.36")
+SCORE = """
+import sys, torch
+from qlora.reports import gguf as R
+stream = torch.load(sys.argv[2])
+print(R.ppl(R.llama_cpp_nll(R.llama_cpp_model(sys.argv[1], 512), stream, 128)))
+"""
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_llama_cpp_perplexity_at_q8_0(main_run, tmp_path):
+    """llama.cpp's held-out perplexity of the q8_0 export is within 1% of the merged bf16 model's
+    (scored in a child process: a llama.cpp build that crashes must not take the test run down)."""
+    pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (the llama-cpp extra)")
+    from qlora.reports import gguf as R
+    from qlora.run_dir import RunDir
+
+    ref_model = _merged(RunDir(main_run).adapter, tmp_path / "merged-bf16")
+    tok = load_tokenizer(tmp_path / "merged-bf16")
+    stream = R.heldout_stream(R.heldout_chats(main_run), tok)[: 8 * 128]
+    torch.save(stream, tmp_path / "stream.pt")
     q8 = export_gguf(main_run, tmp_path / "q8.gguf", type_name="q8_0")
-    assert R.ppl(R.llama_cpp_nll(R.llama_cpp_model(q8, 128), stream, 128)) / R.ppl(ref) < 1.01
+    done = subprocess.run([sys.executable, "-c", SCORE, str(q8), str(tmp_path / "stream.pt")],
+                          capture_output=True, text=True)
+    if done.returncode < 0:
+        pytest.skip(f"this llama.cpp build dies on q8_0 (signal {-done.returncode}); rebuild it: {PORTABLE_BUILD}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) / R.ppl(R.hf_nll(ref_model, stream, 128)) < 1.01

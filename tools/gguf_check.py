@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new", type=int, default=32)
+    p.add_argument("--no-llama-cpp", action="store_true", help="transformers only, even with llama-cpp-python installed")
     args = p.parse_args()
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def main() -> None:
     chats = R.heldout_chats(args.run_dir)
     stream = R.heldout_stream(chats, tok)
     ref = R.hf_nll(_hf(merged["bf16"]), stream, args.window)
-    has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp
     rows = [{"type": "merged bf16 (qlora merge)", "hf_ppl": R.ppl(ref), "hf_ratio": 1.0}]
     for name in args.types.split(","):
         path = out / f"model-{name}.gguf"
