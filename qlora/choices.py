@@ -24,7 +24,7 @@ DATA_FORMATS = ("auto", "alpaca", "input-output", "prompt-completion", "chat", "
 LORA_INITS = ("default", "loftq", "pissa")  # adapter initialisation (qlora.adapters.init)
 """What the packed 4-bit bytes are viewed as (bf16 lets FSDP shard them beside bf16 parameters)."""
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
-"""Optimiser names: bitsandbytes' paged / 8-bit AdamW variants, or torch AdamW."""
+"""Optimiser names: bitsandbytes' paged / 8-bit AdamW variants, or qlora's AdamW (fp32 moments)."""
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 """Experiment trackers a run can report to (`output.report_to`), each through its own library."""
 COMBINE_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",

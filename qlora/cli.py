@@ -13,17 +13,18 @@ import argparse
 import importlib
 import sys
 
+from qlora.argparsing import Parser
 from qlora.errors import NonFiniteError, UsageError, describe_os_error
 
 COMMANDS = ("train", "eval", "generate", "merge", "export", "combine", "quantize", "memory", "accuracy", "plot", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qlora",
         description="QLoRA fine-tuning: NF4 base weights, bf16 LoRA adapters, paged 8-bit optimisers.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
         module = _command_module(name)
         if module is not None:
@@ -42,6 +43,7 @@ def _command_module(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (`train R --resume a.b=1`); argparse stops
     # collecting a positional list at the first option, so gather the rest here.

@@ -33,6 +33,7 @@ MAX_COUNT = 10**9  # steps, epochs, intervals
 MAX_RANK = 8192  # LoRA rank: the hidden size of the largest models this tool targets
 MAX_BATCH = 65_536  # examples per micro-batch, micro-batches per step
 MAX_THREADS = 4096
+MAX_SEED = 2**32 - 1  # numpy's (and so datasets') seed range
 
 
 # ----------------------------------------------------------------------------- sections
@@ -104,6 +105,12 @@ class LoraConfig(Section):
     """Which linears get adapters: `all-linear` (every linear but the skipped ones), a list of
     module names or name suffixes (`[q_proj, v_proj]`), or a regex over full names prefixed
     `re:` (`re:.*\\.(q|v)_proj`)."""
+    target_parameters: Union[str, list[str]] = field(default_factory=list)
+    """Mixture-of-experts: fused 3-D expert parameters that get LoRA (PEFT's `target_parameters`):
+    `all-experts` (every one) or parameter names / name suffixes (`[mlp.experts.gate_up_proj,
+    mlp.experts.down_proj]`). Each (experts, out, in) parameter gets lora_A (r*experts, in) and
+    lora_B (out, r*experts). Empty: no expert LoRA. Expert LoRA takes no dropout (set
+    `dropout: 0`), as in PEFT."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     dtype: Dtype = "bf16"
@@ -157,6 +164,11 @@ class LoraConfig(Section):
         else:
             self._require(self.targets == "all-linear" or self.targets.startswith("re:"), "targets",
                           "expected 'all-linear', a list of module names, or 're:<regex>'")
+        self._require(self.target_parameters == "all-experts" if isinstance(self.target_parameters, str)
+                      else all(t.strip() for t in self.target_parameters), "target_parameters",
+                      "expected 'all-experts' or a list of expert parameter names (mlp.experts.gate_up_proj, ...)")
+        self._require(not self.target_parameters or self.dropout == 0, "dropout",
+                      "must be 0 with lora.target_parameters (expert LoRA, as PEFT's ParamWrapper, has no dropout)")
 
     def _check_adalora(self) -> None:
         self._require(self.target_r <= self.r, "target_r", f"AdaLoRA's target rank must be <= lora.r "
@@ -173,7 +185,8 @@ class LoraConfig(Section):
                                   self.orth_reg_weight) if self.use_adalora else None
         return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                         use_rslora=self.use_rslora, dtype=self.dtype, use_dora=self.use_dora,
-                        init=self.init, loftq_iters=self.loftq_iters, adalora=adalora)
+                        init=self.init, loftq_iters=self.loftq_iters, adalora=adalora,
+                        target_parameters=self.target_parameters)
 
 
 @dataclass
@@ -182,7 +195,7 @@ class OptimConfig(Section):
 
     name: Literal[choices.OPTIMIZERS] = "paged_adamw_8bit"
     """bitsandbytes paged 8-bit AdamW (paging needs CUDA; on CPU it runs un-paged), 8-bit AdamW,
-    paged 32-bit AdamW, or torch AdamW."""
+    paged 32-bit AdamW, or qlora's AdamW (adamw: fp32 moments for bf16 adapters, needs no bitsandbytes)."""
     lr: float = 2e-4
     """Peak learning rate."""
     lora_plus_ratio: float = 1.0
@@ -234,6 +247,8 @@ class TrainConfig(Section):
     """Passes over the training data, used when max_steps is null."""
     gradient_checkpointing: bool = True
     """Recompute decoder-layer activations in backward (less memory, ~30% more compute)."""
+    offload_activations: bool = False
+    """Keep each checkpointed layer's saved input in pinned host memory until its backward (CUDA: longer sequences fit, two PCIe copies per layer; a no-op on CPU)."""
     eval_every: int = 0
     """Evaluate every N optimiser steps (0: only before and after training)."""
     eval_steps: Optional[int] = None
@@ -281,8 +296,10 @@ class TrainConfig(Section):
             self._require_range(name, 1, MAX_COUNT)
         self._require(self.max_steps is not None or self.epochs is not None, "epochs",
                       "set train.max_steps or train.epochs")
-        for name in ("eval_every", "log_every", "save_every", "loss_chunk_size", "eval_samples"):
+        for name in ("eval_every", "save_every", "loss_chunk_size", "eval_samples"):
             self._require_range(name, 0, MAX_COUNT)
+        self._require_range("log_every", 1, MAX_COUNT)
+        self._require_range("seed", 0, MAX_SEED)
         self._require_range("threads", 1, MAX_THREADS)
         self._require(self.early_stopping_threshold >= 0, "early_stopping_threshold", "expected a number >= 0")
         self._require(self.early_stopping_patience is None or self.eval_every > 0, "early_stopping_patience",

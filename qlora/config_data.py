@@ -116,6 +116,7 @@ class DataConfig(Section):
         self._require(self.eval_size is None or self.eval_size >= 0, "eval_size", "expected an int >= 0")
         self._require(self.max_rows is None or self.max_rows > 0, "max_rows", "expected an int > 0")
         self._require_range("num_proc", 1, MAX_PROCS)
+        self._require_range("seed", 0, 2**32 - 1, "numpy's seed range")
         self._require(not (self.packing and self.group_by_length), "packing",
                       "packing and group_by_length exclude each other (packed blocks all have max_length)")
 

@@ -8,8 +8,9 @@ temporary sibling name and renamed into place the same way (`atomic_folder`), wi
 adapters and model folders are meant to be shared. Files and folders
 are fsynced before the rename and the parent folder after it, so a power cut cannot publish a name
 whose bytes never reached the disk. A run killed mid-write leaves its temporary names behind
-(`.NAME.XXXX.tmp` files, `.NAME.tmp-XXXX` / `.NAME.old-XXXX` folders); `remove_leftovers` deletes
-them at the next start, once the run folder's lock is held.
+(`.NAME.XXXX.tmp` files, `.NAME.tmp-<pid>_XXXX` / `.NAME.old-<pid>_XXXX` folders); `remove_leftovers`
+deletes them at the next start, once the run folder's lock is held, and `qlora.outputs` deletes a
+dead writer's ones beside a merge / quantize / combine output.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def plain_permissions(path: str | os.PathLike) -> None:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, then rename it over `path`."""
     with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, named_os_errors(path):
             f.write(data)
     return Path(path)
 
@@ -59,13 +60,25 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        fsync_path(Path(tmp))
+        with named_os_errors(path):
+            fsync_path(Path(tmp))
         plain_permissions(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def named_os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError of the block that names no file (a write's ENOSPC) is raised again naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -86,13 +99,14 @@ def atomic_folder(final: str | Path, *, replace: bool = False) -> Iterator[Path]
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}_", dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
+        with named_os_errors(final):
+            yield tmp
         _fsync_tree(tmp)
         if replace and final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}_", dir=final.parent))
             os.replace(final, old / final.name)
             shutil.rmtree(old, ignore_errors=True)
         try:

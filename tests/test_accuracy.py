@@ -95,7 +95,9 @@ def test_ours_agree_with_bitsandbytes_bit_for_bit():
         if row["quant_type"] == "int4":
             assert row["bnb"] is None
             continue
-        assert row["bnb"]["codes_equal"] and row["bnb"]["max_abs_diff"] == 0.0, row
+        # With double quantisation bitsandbytes' offset (torch's fp32 mean) may differ from ours in
+        # its last bit (quant/backends.py): the decoded scales move by about that; measured 4.8e-7.
+        assert row["bnb"]["codes_equal"] and row["bnb"]["max_abs_diff"] <= (1e-6 if row["double_quant"] else 0), row
         for key in ("mean_abs_error", "rel_l2_error", "max_abs_error"):
             assert row["bnb"][key] == pytest.approx(row[key], rel=1e-6)
 

@@ -68,3 +68,50 @@ def test_a_full_disk_is_an_os_error_naming_enospc(tmp_path):
     with pytest.raises(OSError) as err:
         _save_state({"x": torch.zeros(100_000)}, Path("/dev/full"))
     assert err.value.errno == errno.ENOSPC
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    """A write's ENOSPC carries no file name; every atomic write and the state / metrics files
+    raise it again naming their path, which the CLI then prints."""
+    import errno
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from qlora import io
+    from qlora.training.checkpoint import _save_state
+
+    with pytest.raises(OSError) as err:
+        _save_state({"x": torch.zeros(100_000)}, Path("/dev/full"))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == "/dev/full"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io.os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        io.write_text_atomic(tmp_path / "summary.json", "{}")
+    assert err.value.filename == str(tmp_path / "summary.json") and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    with pytest.raises(OSError) as err:
+        with io.atomic_folder(tmp_path / "adapter") as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as safetensors' writer raises it
+    assert err.value.filename == str(tmp_path / "adapter") and not list(tmp_path.iterdir())
+    from qlora.errors import describe_os_error
+
+    message = describe_os_error(err.value)
+    assert str(tmp_path / "adapter") in message and "ENOSPC" in message
+
+
+def test_an_unknown_flag_is_named_before_missing_arguments(capsys):
+    from qlora.cli import main
+
+    for argv in (["train", "--bogus-flag"], ["merge", "--bogus-flag=1", "x"], ["eval", "-z"]):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2
+        assert f"unrecognized arguments: {argv[1]}" in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["train"])
+    assert "the following arguments are required: recipe" in capsys.readouterr().err

@@ -72,6 +72,10 @@ def test_defaults_and_overrides(tmp_path: Path):
     assert cfg.output.dir == "2024"  # a str field keeps the raw text YAML would read as an int
     assert cfg.optim.betas == (0.9, 0.95)
     assert load_recipe(path, ["lora.targets=re:.*_proj"]).lora.targets == "re:.*_proj"
+    assert cfg.lora.target_parameters == []  # no expert LoRA unless asked
+    assert load_recipe(path, ["lora.target_parameters=all-experts"]).lora.target_parameters == "all-experts"
+    assert load_recipe(path, ["lora.target_parameters=[mlp.experts.down_proj]"]).lora.target_parameters == \
+        ["mlp.experts.down_proj"]
     assert load_recipe(write(tmp_path, "lora:\n")).lora == LoraConfig()  # an empty section: its defaults
 
 
@@ -95,6 +99,9 @@ def test_defaults_and_overrides(tmp_path: Path):
     ("lora:\n  dropout: 1.0\n", None, ["lora.dropout", "[0, 1)"]),
     ("lora:\n  targets: q_proj\n", None, ["lora.targets", "'q_proj'", "re:<regex>"]),
     ("lora:\n  targets: []\n", None, ["lora.targets", "non-empty"]),
+    ("lora:\n  target_parameters: experts\n", None, ["lora.target_parameters", "'experts'", "'all-experts'"]),
+    ("lora:\n  target_parameters: [' ']\n", None, ["lora.target_parameters", "expert parameter names"]),
+    ("lora:\n  target_parameters: 3\n", None, ["lora.target_parameters", "str or list[str]"]),
     ("optim:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n", None, ["optim.warmup_steps", "not both"]),
     ("train:\n  max_steps: null\n  epochs: null\n", None, ["train.epochs", "train.max_steps"]),
     ("train:\n  micro_batch_size: 0\n", None, ["train.micro_batch_size", "from 1 to 65,536"]),

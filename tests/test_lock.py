@@ -13,7 +13,9 @@ import pytest
 
 from qlora.errors import UsageError
 from qlora.training.lock import clear_run_dir, run_lock
-from test_train import TINY, home, run_cli  # noqa: F401  (home is a fixture)
+from test_train import REPO, TINY, home, run_cli  # noqa: F401  (home is a fixture)
+
+sys.path.insert(0, str(REPO))  # tools/lock_race.py
 
 
 def write_lock(run_dir, pid, host=None, started=None):
@@ -102,3 +104,50 @@ def test_cli_refuses_a_folder_in_use_even_with_overwrite(home, tmp_path, live_pi
         assert result.returncode == 2, result.stderr[-2000:]
         assert "in use by a live run" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_stale_lock_takeover_has_one_winner_when_processes_race(tmp_path):
+    """Processes released together on a stale lock (a dead pid, or the empty lock a full disk
+    leaves): in every trial exactly one holds it at a time. Before the takeover checked that the
+    lock it broke was still the stale one, 54 of 200 two-process trials had two holders."""
+    from tools.lock_race import race
+
+    assert race(tmp_path, trials=40, processes=3) == []
+
+
+def test_an_empty_lock_is_stale_after_the_settle_time_and_named_so(tmp_path, caplog):
+    lock = tmp_path / "run.lock"
+    lock.write_text("")  # what a full disk leaves after O_EXCL created it
+    with pytest.raises(UsageError, match="starting") as err:
+        with run_lock(tmp_path):
+            pass
+    assert "1970" not in str(err.value) and "pid -1" not in str(err.value)
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    with run_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "empty or damaged lock file" in caplog.text and "1970" not in caplog.text
+
+
+def test_a_lock_that_cannot_be_written_is_removed_and_named(tmp_path, monkeypatch):
+    import qlora.lockfile as lockfile
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lockfile.os, "fsync", lambda fd: full(fd, b""))
+    with pytest.raises(UsageError, match=r"run\.lock: No space left on device"):
+        with run_lock(tmp_path):
+            pass
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_an_interrupted_takeover_claim_is_named_not_broken(tmp_path):
+    write_lock(tmp_path, dead_pid())
+    claim = tmp_path / ".run.lock.claim"
+    claim.write_text("")
+    old = time.time() - 60
+    os.utime(claim, (old, old))
+    with pytest.raises(UsageError, match=r"takeover was interrupted.*delete .*\.run\.lock\.claim"):
+        with run_lock(tmp_path):
+            pass

@@ -133,11 +133,24 @@ def build_peer(cfg: RecipeConfig, folder: Path) -> tuple[nn.Module, torch.optim.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lc = cfg.lora
     model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                             target_modules=lc.targets, task_type="CAUSAL_LM"))
+                                             target_modules=lc.targets, task_type="CAUSAL_LM",
+                                             target_parameters=peer_target_parameters(model, lc.target_parameters)))
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     return PeerLoss(model), optimizer
+
+
+def peer_target_parameters(model: nn.Module, target_parameters) -> list[str] | None:
+    """PEFT's `target_parameters` for the recipe's expert targets (None for a dense recipe); the
+    peer's experts stay 16-bit (bitsandbytes replaces nn.Linear only)."""
+    from qlora.adapters.experts import expert_targets
+
+    if not target_parameters:
+        return None
+    names = [f"{fqn.rpartition('.')[2]}.{name}" for fqn, params in expert_targets(model, target_parameters).items()
+             for name in params]
+    return list(dict.fromkeys(names))
 
 
 class PeerLoss(nn.Module):

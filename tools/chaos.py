@@ -20,6 +20,9 @@ reference run of the same recipe:
   and leave its last checkpoint verified and finite, with no final adapter written.
 - concurrent runs: two runs start on one folder at once; exactly one may run (exit 0), the other
   must exit 2 naming the live run, and the winner's adapter must equal the reference's.
+- --overwrite and the stale-lock race: tools/chaos_writes.py (merge / quantize --overwrite pointed
+  at a run, the folder of runs, a live run and their own input must all be refused and change
+  nothing; processes released together on a stale lock must leave one holder at a time).
 
 Exit status 0 when every trial survived.
 """
@@ -42,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny_smoke.yaml"
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 sys.path.insert(0, str(REPO))  # this checkout's qlora, as the `-m qlora.cli` subprocesses (cwd REPO) use
+from tools.chaos_writes import lock_race_trial, overwrite_trial  # noqa: E402
 
 
 def train(out: Path, steps: int, *extra: str, env: dict | None = None, wait: bool = True):
@@ -161,6 +165,9 @@ def run_trials(trials: int, steps: int, seed: int, root: Path) -> list[tuple[str
         "NaN gradient at one step": lambda w: nan_trial(w, steps, rng),
         "NaN streak (max_bad_steps=2) -> exit 3": lambda w: streak_trial(w, steps),
         "two runs on one folder": lambda w: concurrent_trial(w, steps, reference),
+        "--overwrite at a run, runs, a live run, the input": lambda w: overwrite_trial(w, steps, reference_run, train,
+                                                                                      steps_once),
+        "stale lock race (20 x 3 processes)": lock_race_trial,
     }
     rows = []
     for kind, trial in kinds.items():

@@ -40,6 +40,7 @@ sqrt(r) when that adapter used rsLoRA); and `--rank` above a module's min(out, i
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -48,12 +49,14 @@ from typing import Sequence
 
 import torch
 
+from qlora.adapters.fit import check_finite, check_fits, meta_base, shapes
 from qlora.adapters.peft_format import lora_pairs, peft_key, read_adapter_weights
 from qlora.adapters.spec import LoraSpec, read_spec
 from qlora.choices import COMBINE_METHODS
 from qlora.errors import UsageError
 from qlora.nn.lora import lora_delta
 
+log = logging.getLogger("qlora")
 Pair = tuple[torch.Tensor, torch.Tensor]
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -152,6 +155,9 @@ def check_combinable(adapters: Sequence[Adapter], weights: Sequence[float], meth
         raise UsageError(f"--method {method!r} is not a combination method; allowed: {', '.join(COMBINE_METHODS)}")
     if not adapters or len(weights) != len(adapters):
         raise UsageError(f"combine needs one weight per adapter; got {len(adapters)} adapters, {len(weights)} weights")
+    for adapter, weight in zip(adapters, weights):
+        if not math.isfinite(weight):
+            raise UsageError(f"--adapter {adapter.name}:{weight}: the weight must be a finite number")
     bases = {a.base for a in adapters}
     if len(bases) > 1:
         listed = ", ".join(f"{a.name}: {a.base!r}" for a in adapters)
@@ -165,12 +171,27 @@ def check_combinable(adapters: Sequence[Adapter], weights: Sequence[float], meth
         raise UsageError(f"--density {density}: expected a fraction of entries to keep in (0, 1]")
     if rank is not None and (not svd or rank < 1):
         raise UsageError(f"--rank {rank}: expected an int >= 1, and only with an _svd method (got {method!r})")
+    _check_expert_targets(adapters, method)
     ranks = {a.spec.r for a in adapters}
     if not svd and method != "cat" and len(ranks) > 1:
         listed = ", ".join(f"{a.name}: r={a.spec.r}" for a in adapters)
         raise UsageError(f"method {method!r} combines A and B factors and needs one rank for all ({listed}); "
                          "use cat or an _svd method")
     _check_shapes(adapters, rank if svd else None)
+
+
+def _check_expert_targets(adapters: Sequence[Adapter], method: str) -> None:
+    """Expert adapters (PEFT `target_parameters`) combine factor by factor only: their lora_A / lora_B
+    hold E experts each (qlora.nn.moe), which `cat`'s rank concatenation and an SVD of B @ A mix up."""
+    targets = {a.spec.target_parameters for a in adapters}
+    if targets == {()}:
+        return
+    if len(targets) > 1:
+        listed = ", ".join(f"{a.name}: {list(a.spec.target_parameters)}" for a in adapters)
+        raise UsageError(f"adapters adapt different expert parameters (target_parameters: {listed})")
+    if method == "cat" or method == "svd" or method.endswith("_svd"):
+        raise UsageError(f"--method {method!r}: expert adapters (target_parameters) combine with a factor method "
+                         f"only ({', '.join(m for m in COMBINE_METHODS if m != 'cat' and not m.endswith('svd'))})")
 
 
 def _check_shapes(adapters: Sequence[Adapter], rank: int | None) -> None:
@@ -213,7 +234,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float], method: str, 
             lora_A, lora_B = _svd(pairs, ws, ss, task, density, generator, new_rank)
         tensors[peft_key(fqn, "lora_A")] = lora_A.to(dtype).contiguous()
         tensors[peft_key(fqn, "lora_B")] = lora_B.to(dtype).contiguous()
-    spec = LoraSpec(r=new_rank, alpha=new_rank, dropout=adapters[0].spec.dropout)
+    spec = LoraSpec(r=new_rank, alpha=new_rank, dropout=adapters[0].spec.dropout,
+                    target_parameters=adapters[0].spec.target_parameters)
     return tensors, spec.peft_config(_target_modules(adapters), adapters[0].base)
 
 
@@ -229,22 +251,38 @@ def _target_modules(adapters: Sequence[Adapter]) -> list[str] | str:
     return "(" + "|".join(re.escape(fqn) for fqn in _modules(adapters)) + ")"
 
 
+def check_against_base(adapters: Sequence[Adapter]) -> None:
+    """Each adapter fits its base's modules (built on meta from its config.json), when the base is here."""
+    try:
+        model = meta_base(adapters[0].base)
+    except UsageError as err:
+        log.warning("cannot check the adapters against their base %r (%s)", adapters[0].base, err)
+        return
+    for adapter in adapters:
+        check_fits(model, shapes(adapter.pairs), adapter.spec.targets, adapter.name,
+                   adapter.spec.target_parameters)
+
+
 def combine_adapters(adapter_dirs: Sequence[str | Path], weights: Sequence[float], out_dir: str | Path, method: str, *,
                      density: float | None = None, rank: int | None = None, seed: int = 0, merge: bool = False,
                      overwrite: bool = False) -> Path:
     """`qlora combine`: write the combined adapter to `out_dir`, or with `merge` a bf16 model folder
-    (the combined adapter folded into its base). Every check runs before anything is written."""
+    (the combined adapter folded into its base). Every check runs before anything is written: the
+    adapters against their base's modules, and the result finite."""
     import tempfile
 
     from qlora.adapters.merge import merge_adapter
     from qlora.adapters.peft_format import write_adapter
-    from qlora.io import check_output
+    from qlora.outputs import check_destination, provenance
 
-    out_dir = check_output(out_dir, overwrite)
-    tensors, config = combine([read_adapter(d) for d in adapter_dirs], weights, method, density=density, rank=rank,
-                              seed=seed)
+    kind = "merged" if merge else "combined"
+    out_dir = check_destination(out_dir, overwrite, kind, adapter_dirs)
+    adapters = [read_adapter(d) for d in adapter_dirs]
+    tensors, config = combine(adapters, weights, method, density=density, rank=rank, seed=seed)
+    check_against_base(adapters)
+    check_finite(tensors, "the combined adapter")
     if not merge:
-        return write_adapter(out_dir, tensors, config)
+        return write_adapter(out_dir, tensors, config, provenance=provenance("combined", adapter_dirs))
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_adapter(Path(tmp) / "adapter", tensors, config)
-        return merge_adapter(adapter, out_dir, overwrite=overwrite)
+        return merge_adapter(adapter, out_dir, overwrite=overwrite, inputs=tuple(adapter_dirs))

@@ -121,6 +121,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     def weight_bytes(m: nn.Module) -> int:  # of the plain weight a merged / dequantised layer gets
         return m.out_features * m.in_features * dtype.itemsize
 
+    _merge_experts(model, dtype)
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     inner = {id(m.base) for m in lora}
     quantised = [m for m in model.modules() if isinstance(m, Linear4bit) and id(m) not in inner]
@@ -138,6 +139,32 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     return model
 
 
+def _merge_experts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Fold expert adapters into (and dequantise 4-bit experts to) 16-bit fused parameters."""
+    from qlora.nn.experts4bit import Experts4bit
+    from qlora.nn.moe import ExpertLoRA, expert_parameter_names, is_experts
+    from qlora.nn.swap import swap_modules
+
+    swap_modules(model, lambda m, fqn: isinstance(m, ExpertLoRA) and not fqn.endswith(".base_layer"),
+                 lambda m: m.merged_experts(dtype))
+    for module in [m for m in model.modules() if is_experts(m)]:
+        for name in expert_parameter_names(module):
+            store = getattr(module, name)
+            if isinstance(store, Experts4bit):
+                stack = store.dequantize().to(dtype)
+                module._modules.pop(name)
+                module._parameters[name] = nn.Parameter(
+                    stack.transpose(1, 2).contiguous() if module.is_transposed else stack, requires_grad=False)
+
+
+def check_finite_model(model: nn.Module, what: str) -> None:
+    """A UsageError naming the first floating tensor of `model` with a NaN or Inf."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UsageError(f"{what}: tensor {name!r} has {bad} non-finite value(s); nothing was written")
+
+
 def adapter_base(adapter_dir: Path, base: str | None = None) -> str:
     """The base an adapter merges into: ``base`` when given, else the base saved in the adapter's
     run (`lora.init` changed it), else the adapter's ``base_model_name_or_path``."""
@@ -151,31 +178,38 @@ def adapter_base(adapter_dir: Path, base: str | None = None) -> str:
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,
-                  dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+                  dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, inputs: tuple = ()) -> Path:
     """Merge a PEFT LoRA adapter into its base and write a ``dtype`` HF folder (``qlora merge``).
 
     ``base`` defaults as `adapter_base` says. An unquantised base is loaded in
     ``dtype`` (the original weights); a bitsandbytes 4-bit base is dequantised. Tokenizer files
-    saved with the adapter (a recipe's own chat template) replace the base's.
+    saved with the adapter (a recipe's own chat template) replace the base's. ``inputs`` are more
+    folders OUT must not be or hold (`qlora.outputs.check_destination`); a non-finite merged weight is
+    refused, naming it, before anything is written.
     """
-    from qlora.adapters.peft_format import load_adapter
+    from qlora.adapters.peft_format import load_adapter, read_adapter_weights
     from qlora.dtypes import hf_name, short_name
     from qlora.hf.export import write_model_folder
     from qlora.hf.files import copy_tokenizer_files
     from qlora.hf.folder import model_folder
     from qlora.hf.load import load_model
-    from qlora.io import atomic_folder, check_output
+    from qlora.io import atomic_folder
+    from qlora.outputs import check_destination, provenance, write_provenance
     from qlora.run_dir import RECIPE, find_recipe
 
     adapter_dir = Path(adapter_dir)
-    out_dir = check_output(out_dir, overwrite)
     base = adapter_base(adapter_dir, base)
+    inputs = [adapter_dir, *inputs, *([base] if Path(base).is_dir() else [])]
+    out_dir = check_destination(out_dir, overwrite, "merged", inputs)
+    read_adapter_weights(adapter_dir)  # config and tensors checked before the base loads
     model = load_model(base, quant=None, dtype=dtype)
     load_adapter(model, adapter_dir, dtype=short_name(dtype))
     merge_lora(model, dtype)
+    check_finite_model(model, f"the merge of {adapter_dir}")
     recipe = find_recipe(adapter_dir)
     with atomic_folder(out_dir, replace=overwrite) as tmp:
         write_model_folder(model, tmp, model_folder(base), {"dtype": hf_name(dtype)})
+        write_provenance(tmp, provenance("merged", inputs))
         if (adapter_dir / "tokenizer_config.json").is_file():  # saved with a recipe's own chat template
             copy_tokenizer_files(adapter_dir, tmp)
         if recipe is not None:

@@ -48,12 +48,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qlora.adapters.experts import expert_targets
+from qlora.adapters.fit import check_fits, shapes
 from qlora.adapters.peft_format import lora_pairs, read_adapter_weights
 from qlora.adapters.spec import LoraSpec, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE
 from qlora.dtypes import torch_dtype
 from qlora.errors import UsageError
 from qlora.nn.lora import LoRALinear, plus_update
+from qlora.nn.moe import ExpertLoRA, use_qlora_experts
 from qlora.nn.swap import swap_modules
 
 Pair = tuple[nn.Parameter, nn.Parameter]
@@ -105,6 +108,8 @@ class AdapterSet:
             raise UsageError(f"{path}: a DoRA adapter (use_dora); AdapterSet swaps LoRA adapters only "
                              "(load a DoRA adapter alone with qlora.adapters.peft_format.load_adapter)")
         pairs = lora_pairs(read_adapter_weights(path))
+        check_fits(self.model, shapes(pairs), spec.targets, path, spec.target_parameters)
+        self._wrap_experts(spec, Path(path))
         self._wrap(list(pairs), Path(path))
         self.adapters[name] = LoadedAdapter(spec, Path(path), {
             fqn: self._parameters(fqn, lora_A, lora_B, Path(path)) for fqn, (lora_A, lora_B) in pairs.items()})
@@ -125,6 +130,34 @@ class AdapterSet:
             if layer.disabled:
                 _point(self._slots[fqn], _placeholder(layer), {"disabled": True})
 
+    def _wrap_experts(self, spec: LoraSpec, source: Path) -> None:
+        """Wrap the experts modules an adapter's `target_parameters` name in disabled `ExpertLoRA`
+        chains (qlora.adapters.experts), once; every adapter must name the same parameters, as in PEFT."""
+        if not spec.target_parameters:
+            return
+        for fqn, names in expert_targets(self.model, spec.target_parameters).items():
+            chain = [fqn + ".base_layer" * depth for depth in range(len(names))]  # outermost first
+            if chain[0] in self._layers:
+                wrapped = [self._layers[f].parameter_name for f in reversed(chain) if f in self._layers]
+                if wrapped != names:
+                    raise UsageError(f"{source}: adapts {names} of {fqn!r}, but the loaded adapters adapt "
+                                     f"{wrapped}; expert adapters on one model must target the same parameters")
+                continue
+            module = self.model.get_submodule(fqn)
+            for name in names:
+                module = ExpertLoRA(module, name, r=1, alpha=1.0, dtype=self.dtype)
+            parent, _, leaf = fqn.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, module)
+            for level in chain:
+                self._register(level, self.model.get_submodule(level))
+        use_qlora_experts(self.model)
+
+    def _register(self, fqn: str, layer: nn.Module) -> None:
+        layer.disabled = True
+        layer.requires_grad_(False)
+        self._layers[fqn] = layer
+        self._slots[fqn] = _slots(layer)
+
     def _wrap(self, fqns: list[str], source: Path) -> None:
         """Wrap the named linear modules not yet wrapped in a disabled `LoRALinear`."""
         modules = dict(self.model.named_modules())
@@ -135,15 +168,12 @@ class AdapterSet:
         swap_modules(self.model, lambda m, fqn: fqn in todo, partial(LoRALinear, r=1, alpha=1.0, dtype=self.dtype))
         for fqn, module in self.model.named_modules():
             if fqn in todo:
-                module.disabled = True
-                module.requires_grad_(False)
-                self._layers[fqn] = module
-                self._slots[fqn] = _slots(module)
+                self._register(fqn, module)
 
     def _parameters(self, fqn: str, lora_A: torch.Tensor, lora_B: torch.Tensor, source: Path) -> Pair:
         """The adapter's A and B for module `fqn` on the layer's device, in the set's dtype."""
         layer = self._layers[fqn]
-        r = lora_A.shape[0]
+        r = lora_A.shape[0]  # r * experts for an expert adapter
         if tuple(lora_A.shape) != (r, layer.in_features) or tuple(lora_B.shape) != (layer.out_features, r):
             raise UsageError(f"{source}: module {fqn!r} has A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)}; "
                              f"the model's layer is {layer.in_features} -> {layer.out_features}")
@@ -184,6 +214,10 @@ class AdapterSet:
             if name is not None:
                 self._check_name(name)
         used = list(dict.fromkeys(name for name in rows if name is not None))
+        experts = [name for name in used if self.adapters[name].spec.target_parameters]
+        if experts:
+            raise UsageError(f"mixed-adapter batches add linear LoRA updates only; {experts} adapt fused experts "
+                             "(use set_adapter and one adapter per batch)")
         active = self.active
         self.set_adapter(None)
         hooks = []

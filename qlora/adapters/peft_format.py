@@ -26,12 +26,16 @@ import torch
 from torch import nn
 
 from qlora.adapters.adalora import lora_equivalent, prune, rank_pattern
+from qlora.adapters.experts import parameter_suffixes
+from qlora.adapters.fit import check_fits, check_tensors, shapes
 from qlora.adapters.spec import CONFIG_FILE, PEFT_PREFIX, LoraSpec, read_peft_config, read_spec
 from qlora.adapters.surgery import LINEAR_LIKE, apply_lora
 from qlora.errors import UsageError
 from qlora.hf.folder import shareable_name
 from qlora.io import atomic_folder, write_bytes_atomic, write_json_atomic
 from qlora.nn.adapter import adapter_layers
+from qlora.nn.moe import ExpertLoRA
+from qlora.outputs import write_provenance
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -76,7 +80,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     wrong = [fqn for fqn, m in layers.items() if getattr(m, "r", spec.r) != spec.r]
     if wrong:
         raise UsageError(f"save_adapter: r={spec.r}, but modules {wrong[:3]} have r={layers[wrong[0]].r}")
-    config = spec.peft_config(_target_modules(model, list(layers)), shareable_name(base_model_name_or_path))
+    linears = [fqn for fqn, m in layers.items() if not isinstance(m, ExpertLoRA)]
+    config = spec.peft_config(_target_modules(model, linears), shareable_name(base_model_name_or_path))
+    if len(linears) < len(layers):
+        config["target_parameters"] = parameter_suffixes(model)
     tensors = adapter_state_dict(model)
     if spec.adalora is not None and prune_ranks:
         config["rank_pattern"] = rank_pattern(model)
@@ -84,8 +91,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec, base_mod
     return write_adapter(out_dir, tensors, config, tokenizer)
 
 
-def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer=None) -> Path:
-    """Write PEFT-keyed ``tensors`` and a PEFT ``config`` as an adapter folder (replaced atomically)."""
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer=None,
+                  provenance: dict | None = None) -> Path:
+    """Write PEFT-keyed ``tensors`` and a PEFT ``config`` as an adapter folder (replaced atomically),
+    with a writer's ``provenance`` record (`qlora.outputs`) when given."""
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
@@ -97,13 +106,15 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
         write_json_atomic(tmp / CONFIG_FILE, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_provenance(tmp, provenance)
     return out_dir
 
 
 def read_adapter_weights(adapter_dir: str | Path, as_lora: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's tensors (safetensors only), with PEFT's old ``.default`` key infix removed;
     an AdaLoRA adapter as its LoRA equivalent (qlora.adapters.adalora.lora_equivalent) unless
-    ``as_lora`` is False (to load it back into AdaLoRA layers)."""
+    ``as_lora`` is False (to load it back into AdaLoRA layers). Config and tensors are checked
+    against each other first (`qlora.adapters.fit.check_tensors`)."""
     from safetensors.torch import load_file
 
     path = Path(adapter_dir) / WEIGHTS_FILE
@@ -115,6 +126,7 @@ def read_adapter_weights(adapter_dir: str | Path, as_lora: bool = True) -> dict[
         raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
     config = read_peft_config(adapter_dir)
+    check_tensors(config, tensors, path)
     return lora_equivalent(tensors, config) if as_lora and config.get("peft_type") == "ADALORA" else tensors
 
 
@@ -137,9 +149,11 @@ def peft_key(fqn: str, factor: str) -> str:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: str = "bf16") -> list[str]:
-    """Wrap ``model`` per the adapter's config and load its weights; returns the adapted modules."""
+    """Wrap ``model`` per the adapter's config and load its weights; returns the adapted modules.
+    The adapter must fit the model (`qlora.adapters.fit.check_fits`)."""
     spec, _ = read_spec(adapter_dir, dtype)
     tensors = read_adapter_weights(adapter_dir)
+    check_fits(model, shapes(lora_pairs(tensors)), spec.targets, adapter_dir, spec.target_parameters)
     adapted = apply_lora(model, spec)
     load_adapter_weights(model, tensors, Path(adapter_dir) / WEIGHTS_FILE)
     return adapted

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from qlora.adapters.validate import check_config
 from qlora.errors import UsageError
 
 CONFIG_FILE = "adapter_config.json"
@@ -70,6 +71,9 @@ class LoraSpec:
     loftq_iters: int = 1
     adalora: AdaLoraSchedule | None = None
     """AdaLoRA (qlora.nn.adalora): SVD-form adapters whose ranks the budget schedule reallocates."""
+    target_parameters: str | tuple[str, ...] = ()
+    """Fused expert parameters to adapt (PEFT's `target_parameters`): suffixes of parameter names
+    (`mlp.experts.gate_up_proj`) or `all-experts` (qlora.adapters.experts)."""
 
     def scheduled(self, total_steps: int) -> "LoraSpec":
         """This spec with AdaLoRA's `total_step` set to the run's optimiser steps (else itself)."""
@@ -89,6 +93,8 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.targets, str):
             object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.target_parameters, str):
+            object.__setattr__(self, "target_parameters", tuple(self.target_parameters))
 
     @property
     def scaling(self) -> float:
@@ -123,6 +129,8 @@ class LoraSpec:
             "use_dora": self.use_dora,
             "rank_pattern": {},
             "alpha_pattern": {},
+            **({"target_parameters": list(self.target_parameters)}
+               if self.target_parameters and not isinstance(self.target_parameters, str) else {}),
         }
 
     @classmethod
@@ -130,8 +138,10 @@ class LoraSpec:
         """The spec of a PEFT LoRA config, or a UsageError naming the first unsupported field.
 
         An AdaLoRA config reads as its LoRA equivalent (rank init_r, alpha so that alpha / r is
-        AdaLoRA's scaling), the form `read_adapter_weights` gives its tensors in.
+        AdaLoRA's scaling), the form `read_adapter_weights` gives its tensors in. Every field is
+        checked first (`qlora.adapters.validate`).
         """
+        check_config(config, source)
         if config.get("peft_type") == "ADALORA":
             from qlora.nn.adalora import PEFT_EPS
 
@@ -158,18 +168,22 @@ class LoraSpec:
         return cls(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                    targets=targets if isinstance(targets, str) else tuple(targets),
                    use_rslora=config.get("use_rslora", False), dtype=dtype,
-                   use_dora=bool(config.get("use_dora", False)))
+                   use_dora=bool(config.get("use_dora", False)),
+                   target_parameters=tuple(config.get("target_parameters") or ()))
 
 
 def read_peft_config(adapter_dir: str | Path) -> dict:
-    """The adapter folder's `adapter_config.json` as a dict (a UsageError when missing or not JSON)."""
+    """The adapter folder's `adapter_config.json` as a dict (a UsageError when missing, not JSON, or
+    a field qlora cannot use: `qlora.adapters.validate.check_config`)."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise UsageError(f"{adapter_dir}: no {CONFIG_FILE}; expected a PEFT LoRA adapter folder")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err})") from err
+    check_config(config, str(path))
+    return config
 
 
 def read_spec(adapter_dir: str | Path, dtype: str = "bf16") -> tuple[LoraSpec, dict]:

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
+from qlora.adapters.experts import apply_expert_lora
 from qlora.adapters.spec import LoraSpec
 from qlora.dtypes import torch_dtype
 from qlora.errors import UsageError
@@ -63,7 +64,8 @@ def _compile(targets: str) -> re.Pattern:
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
     """Wrap the target linear modules in ``LoRALinear`` (``DoRALinear`` with ``use_dora``,
-    ``AdaLoRALinear`` with ``adalora``) per ``spec``; freeze all but the adapters.
+    ``AdaLoRALinear`` with ``adalora``) and the targeted expert parameters in ``ExpertLoRA``
+    (``spec.target_parameters``, qlora.adapters.experts) per ``spec``; freeze all but the adapters.
 
     Returns the wrapped modules' full names. See ``lora_filter`` for ``spec.targets``.
     """
@@ -71,6 +73,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
     dtype = torch_dtype(spec.dtype)
     layer = DoRALinear if spec.use_dora else AdaLoRALinear if spec.adalora else LoRALinear
     wrapped = swap_modules(model, keep, lambda m: layer(m, spec.r, spec.alpha, spec.dropout, spec.use_rslora, dtype))
+    wrapped += apply_expert_lora(model, spec)
     model.requires_grad_(False)
     for layer in adapter_layers(model).values():
         for param, _ in layer.trainable_parameters().values():

@@ -1,10 +1,11 @@
 """`qlora memory MODEL|RECIPE`: plan the peak memory of a QLoRA training step and say if it fits a GPU.
 
-MODEL is a built-in name (`llama-65b`, `qwen2.5-7b`, ...; see `qlora memory --help`) or a path to
-a LLaMA-style `config.json`; a near miss (`llama3_8b`) gets a did-you-mean. RECIPE (a .yaml file,
-with `key=value` overrides as for `qlora train`) plans exactly what `qlora train RECIPE` would
-run: its LoRA, quantisation, batch, sequence length, checkpointing, optimiser and loss; planner
-options that the recipe decides are refused there. The defaults of the options follow the
+MODEL is a built-in name (`llama-65b`, `qwen2.5-7b`, `mixtral-8x7b`, ...; see `qlora memory --help`)
+or a path to a LLaMA-style or mixture-of-experts `config.json` (`qlora.memory.moe`); a near miss
+(`llama3_8b`) gets a did-you-mean. RECIPE (a .yaml file, with `key=value` overrides as for
+`qlora train`) plans exactly what `qlora train RECIPE` would run: its LoRA (expert LoRA too),
+quantisation, batch, sequence length, checkpointing, optimiser and loss; planner options that the
+recipe decides are refused there. The defaults of the options follow the
 trainer's (chunked loss of 1024 tokens). Prints an itemised table; `--json PATH` writes the same
 numbers (including `total_bytes` and `fits`). GPU sizes are GiB, as CUDA reports them (a "48 GB"
 card has 48 GiB).
@@ -35,6 +36,8 @@ def add_parser(subparsers) -> None:
         p.add_argument(flag, **{**kwargs, "default": None})
     p.add_argument("--device", choices=DEVICES, default="cuda", help="cuda adds the CUDA context (default cuda)")
     p.add_argument("--gpu-gb", type=_positive_float, default=48.0, help="GPU memory in GiB (default 48)")
+    p.add_argument("--max-seq-len", action="store_true", help="also print the longest sequence that fits "
+                   "--gpu-gb, with and without activation offloading (train.offload_activations)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     p.set_defaults(run=run)
 
@@ -50,16 +53,21 @@ def run(args: argparse.Namespace) -> int:
         shape, note = model_shape(args.model), ""
         settings = PlanSettings(
             lora_r=options["lora_r"], lora_targets=options["lora_targets"], lora_dropout=options["lora_dropout"],
+            lora_target_parameters=options["lora_target_parameters"],
             lora_dtype=options["lora_dtype"], seq_len=options["seq_len"], micro_batch=options["batch"],
             grad_checkpointing=options["grad_ckpt"], optimizer=options["optim"], compute_dtype=options["dtype"],
             quant_type=options["quant"], blocksize=options["blocksize"], double_quant=options["double_quant"],
             attention=options["attention"], loss=options["loss"], loss_chunk=options["loss_chunk"],
-            device=args.device)
+            offload_activations=options["offload"], device=args.device)
     plan = plan_memory(shape, settings)
     gpu_bytes = int(args.gpu_gb * GIB)
     if note:
         print(f"{args.model}: {note}")
     print(format_table(plan, gpu_bytes))
+    if args.max_seq_len:
+        from qlora.memory.long_context import longest_sequences
+
+        print(longest_sequences(shape, settings, gpu_bytes))
     if args.json:
         write_json_atomic(args.json, plan.to_dict(gpu_bytes))
     return 0
@@ -85,9 +93,11 @@ def _from_recipe(args: argparse.Namespace):
 
 def _describe(recipe, s: PlanSettings) -> str:
     loss = f"chunked loss ({s.loss_chunk} tokens)" if s.loss == "chunked" else "full-logits loss"
-    return (f"as `qlora train` runs it: LoRA r={s.lora_r} on {','.join(s.lora_targets)}, "
+    experts = f" and experts ({','.join(s.lora_target_parameters)})" if s.lora_target_parameters else ""
+    return (f"as `qlora train` runs it: LoRA r={s.lora_r} on {','.join(s.lora_targets)}{experts}, "
             f"{s.quant_type}{' + double quant' if s.double_quant else ''} block {s.blocksize}, "
-            f"{s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, {loss}, "
+            f"{s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}"
+            f"{' + activation offloading' if s.offload_activations else ''}, {loss}, "
             f"{s.attention} attention")
 
 
@@ -97,6 +107,8 @@ def format_table(plan: MemoryPlan, gpu_bytes: int) -> str:
     lines = [f"{m.name}: {d['parameters'] / 1e9:.3f}B params ({d['quantised_parameters'] / 1e9:.3f}B in 4-bit), "
              f"LoRA {d['lora_parameters'] / 1e6:.1f}M params; micro-batch {s.micro_batch} x {s.seq_len} tokens, "
              f"{s.compute_dtype}, {s.device}",
+             *([f"mixture of experts: {d['active_parameters'] / 1e9:.3f}B active per token (lm_head included, input "
+                f"embedding not), {d['routed_token_passes']:,} routed token passes"] if "active_parameters" in d else []),
              f"{'item':<20} {'bytes':>16} {'GiB':>8} {'share':>6}  what"]
     total = plan.total_bytes
     for name, nbytes in plan.breakdown.items():
@@ -132,6 +144,9 @@ PLAN_OPTIONS = {  # planner options for a bare MODEL (a recipe sets them itself)
     "--lora-targets": dict(type=lambda text: _targets(text), metavar="NAMES",
                            help="comma-separated linear layers or 'all-linear' (default)"),
     "--lora-dropout": dict(type=_fraction, help="LoRA dropout (default 0)"),
+    "--lora-target-parameters": dict(type=lambda text: tuple(n.strip() for n in text.split(",") if n.strip()),
+                                     metavar="NAMES", help="MoE: 'all-experts' or comma-separated fused expert "
+                                     "parameters (mlp.experts.gate_up_proj,...) with LoRA (default none)"),
     "--seq-len": dict(type=_positive_int, help="sequence length (default 512)"),
     "--batch": dict(type=_positive_int, help="micro-batch size (default 1)"),
     "--no-grad-ckpt": dict(dest="grad_ckpt", action="store_const", const=False, help="disable gradient checkpointing"),
@@ -145,10 +160,12 @@ PLAN_OPTIONS = {  # planner options for a bare MODEL (a recipe sets them itself)
     "--loss": dict(choices=LOSSES, help="chunked loss (the trainer's default, train.loss_chunk_size) or full "
                                         "logits (default chunked)"),
     "--loss-chunk": dict(type=_positive_int, help="tokens per chunk for --loss chunked (default 1024)"),
+    "--offload-activations": dict(dest="offload", action="store_const", const=True,
+                                  help="checkpointed layer inputs in host memory (train.offload_activations)"),
 }
-_DEFAULTS = dict(lora_r=64, lora_targets=LINEAR_NAMES, lora_dropout=0.0, seq_len=512, batch=1, grad_ckpt=True,
-                 optim="paged_adamw_8bit", dtype="bf16", lora_dtype="bf16", quant="nf4", blocksize=64,
-                 double_quant=True, attention="sdpa", loss="chunked", loss_chunk=1024)
+_DEFAULTS = dict(lora_r=64, lora_targets=LINEAR_NAMES, lora_dropout=0.0, lora_target_parameters=(), seq_len=512,
+                 batch=1, grad_ckpt=True, optim="paged_adamw_8bit", dtype="bf16", lora_dtype="bf16", quant="nf4", blocksize=64,
+                 double_quant=True, attention="sdpa", loss="chunked", loss_chunk=1024, offload=False)
 
 
 def _dest(flag: str, kwargs: dict) -> str:

@@ -59,9 +59,16 @@ def _text(path: Path) -> str:
 def _parses(text: str) -> bool:
     try:
         json.loads(text)
+    except RecursionError:
+        return True  # JSON, too deeply nested to read: the checks below name it
     except ValueError:
         return False
     return True
+
+
+def _too_deep(path: Path, where: str) -> UsageError:
+    return UsageError(f"data file {str(path)!r} {where}: JSON nested too deeply to read (past Python's "
+                      "recursion limit); a row needs a few levels of lists and objects at most")
 
 
 def _first_line(text: str) -> str:
@@ -71,6 +78,8 @@ def _first_line(text: str) -> str:
 def _check_json_document(path: Path, text: str) -> None:
     try:
         document = json.loads(text)
+    except RecursionError:
+        raise _too_deep(path, "(one JSON document)") from None
     except json.JSONDecodeError as err:
         raise UsageError(f"data file {str(path)!r} line {err.lineno}: not valid JSON ({err.msg}, "
                          f"column {err.colno})") from None
@@ -105,6 +114,8 @@ def _check_json_lines(path: Path, text: str) -> None:
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise _too_deep(path, f"line {number}") from None
         except ValueError as err:
             raise UsageError(f"data file {str(path)!r} line {number}: not valid JSON ({err.args[0]})") from None
         if not isinstance(row, dict):

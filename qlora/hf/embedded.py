@@ -9,6 +9,8 @@ are built once into a cache folder and reused afterwards:
   original checkpoint, not its exact bf16 weights: a fine base for fine-tuning, not a bit-exact copy.
 - ``tiny-llama``: a 2-layer random ``LlamaForCausalLM`` (hidden 64, SmolLM2's tokenizer and chat
   template), generated deterministically in-process. Smoke tests and the tiny recipe use it.
+- ``tiny-mixtral``: the same with a 4-expert top-2 mixture-of-experts MLP, saved in the hub's
+  per-expert layout; the tiny MoE recipe (recipes/tiny_moe_smoke.yaml) uses it.
 
 The cache lives in ``$QLORA_HOME`` (default ``$XDG_CACHE_HOME/qlora``, i.e. ``~/.cache/qlora``).
 Every folder is written to a temporary sibling and renamed into place, so a folder that exists is
@@ -183,7 +185,26 @@ def _build_tiny_llama(out: Path) -> None:
     _copy_tokenizer(out)
 
 
+TINY_MIXTRAL = dict(TINY_LLAMA, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
+def _build_tiny_mixtral(out: Path) -> None:
+    """tiny-llama's shape with a 4-expert, top-2 MoE MLP, saved by transformers in the hub's
+    per-expert layout (``block_sparse_moe.experts.3.w1.weight``), so loading it exercises the
+    checkpoint conversion as a real Mixtral does."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**{k: v for k, v in TINY_MIXTRAL.items() if k != "model_type"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = MixtralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    _copy_tokenizer(out)
+
+
 EMBEDDED_MODELS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m": _build_smollm2,
     "tiny-llama": _build_tiny_llama,
+    "tiny-mixtral": _build_tiny_mixtral,
 }

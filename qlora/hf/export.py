@@ -28,6 +28,8 @@ from qlora.errors import UsageError
 from qlora.hf.files import copy_tokenizer_files, save_state_dict
 from qlora.hf.folder import tied_output_name
 from qlora.io import atomic_folder, check_output
+from qlora.outputs import check_destination
+from qlora.outputs import provenance, write_provenance
 from qlora.quant.format import QuantFormat
 
 
@@ -87,20 +89,32 @@ def bnb_quantization_config(model: nn.Module) -> dict:
     }
 
 
-def export_quantized(model: nn.Module, out_dir: str | Path, source: str | Path, *, overwrite: bool = False) -> Path:
+def export_quantized(model: nn.Module, out_dir: str | Path, source: str | Path, *, overwrite: bool = False,
+                     provenance: dict | None = None) -> Path:
     """Write a 4-bit ``model`` (as loaded by ``load_model``) as a bitsandbytes-format HF folder.
 
-    ``source`` is the folder it was loaded from (tokenizer and generation config are copied).
+    ``source`` is the folder it was loaded from (tokenizer and generation config are copied);
+    ``provenance`` a writer's record (`qlora.outputs`).
     """
     from qlora.nn import Linear4bit
+    from qlora.nn.experts4bit import Experts4bit
 
     out_dir = check_output(out_dir, overwrite)
+    experts = [fqn for fqn, m in model.named_modules() if isinstance(m, Experts4bit)]
+    if experts:
+        raise UsageError(
+            f"export: {len(experts)} fused expert weights (e.g. {experts[0]!r}) are in qlora's 4-bit experts store, "
+            "which bitsandbytes' 4-bit format cannot describe (it quantises nn.Linear only) and transformers would "
+            "not load; keep the 16-bit checkpoint (qlora quantises experts while loading) or write a bf16 folder "
+            "with `qlora merge`"
+        )
     packed = {m.weight.dtype for m in model.modules() if isinstance(m, Linear4bit)}
     if packed - {torch.uint8}:
         raise UsageError(f"export: packed weights stored as {packed}; export needs quant_storage=torch.uint8")
     updates = {"quantization_config": bnb_quantization_config(model)}
     with atomic_folder(out_dir, replace=overwrite) as tmp:
         write_model_folder(model, tmp, Path(source), updates)
+        write_provenance(tmp, provenance)
     return out_dir
 
 
@@ -110,6 +124,8 @@ def quantize_folder(src: str, out_dir: str | Path, fmt: QuantFormat = QuantForma
     from qlora.hf.folder import model_folder
     from qlora.hf.load import load_model
 
-    check_output(out_dir, overwrite)
+    inputs = [src] if Path(src).is_dir() else []
+    check_destination(out_dir, overwrite, "quantized", inputs)
     model = load_model(src, quant=fmt)
-    return export_quantized(model, out_dir, model_folder(src), overwrite=overwrite)
+    return export_quantized(model, out_dir, model_folder(src), overwrite=overwrite,
+                            provenance=provenance("quantized", inputs))

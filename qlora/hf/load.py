@@ -12,6 +12,13 @@ on meta: non-persistent ones (rotary ``inv_freq``) are not in checkpoints, so th
 modules' own constructors on the CPU (they are tiny) and moved to the target device at the end. After
 loading, every parameter and buffer must be off ``meta``; anything left is an error naming it.
 
+Checkpoint names reach module names through transformers' own conversion mapping
+(`qlora.hf.convert`: dense renames such as gpt_neox's ``embed_out``, and mixture-of-experts
+checkpoints whose one-tensor-per-expert layout is stacked into fused 3-D parameters); those fused
+expert weights stream in expert by expert and are stored in 4 bits per expert
+(`qlora.hf.experts`, `qlora.nn.experts4bit.Experts4bit`). Checkpoint tensors that feed nothing
+are an error naming them, as is a checkpoint in a quantised format qlora does not read.
+
 Handled on the way: tied embeddings (the output projection is tied to the input embedding after
 loading and never quantised), checkpoint key prefixes (a checkpoint saved from the bare backbone, or
 with an extra ``model.`` prefix), GPT-2's ``Conv1D`` (weight stored (in, out): converted to an
@@ -36,9 +43,13 @@ import torch
 from torch import nn
 
 from qlora.errors import UsageError
+from qlora.hf.checks import check_tensor, check_unused, floating_names
+from qlora.hf.convert import checkpoint_sources
+from qlora.hf.experts import expert_weight_names, refuse_foreign_quantisation, stream_stacked
 from qlora.hf.files import tensor_nbytes, weight_files
 from qlora.hf.folder import bnb_4bit_config, load_config, model_folder, tied_output_name
 from qlora.nn import Linear4bit
+from qlora.nn.moe import use_qlora_experts
 from qlora.nn.swap import name_matches, swap_modules
 from qlora.progress import byte_bar
 from qlora.quant import QuantState
@@ -103,24 +114,19 @@ class _Checkpoint:
         return tuple(self._handles[self.files[key]].get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
+        return self._read(key, lambda handle: handle.get_tensor(key))
+
+    def expert(self, key: str, e: int) -> torch.Tensor:
+        """Row ``e`` of a stacked (E, ...) tensor: only that expert's bytes are read."""
+        return self._read(key, lambda handle: handle.get_slice(key)[e])
+
+    def _read(self, key: str, read: Callable) -> torch.Tensor:
         try:
-            tensor = self._handles[self.files[key]].get_tensor(key)
+            tensor = read(self._handles[self.files[key]])
         except Exception as err:
             raise UsageError(f"{self.files[key]}: cannot read tensor {key!r} ({err})") from err
         self.on_read(tensor.numel() * tensor.element_size())  # the bytes it has on disk
         return tensor
-
-
-def _checkpoint_names(model: nn.Module, expected: Sequence[str], keys: set[str]) -> dict[str, str]:
-    """model key -> checkpoint key, trying no prefix change, a stripped and an added base prefix."""
-    prefix = getattr(model, "base_model_prefix", "") or "model"
-    options = (
-        lambda k: k,
-        lambda k: k[len(prefix) + 1 :] if k.startswith(prefix + ".") else k,
-        lambda k: f"{prefix}.{k}",
-    )
-    best = max(options, key=lambda rename: sum(rename(k) in keys for k in expected))
-    return {k: best(k) for k in expected}
 
 
 def _set_tensor(model: nn.Module, fqn: str, value: torch.Tensor) -> None:
@@ -164,6 +170,7 @@ def _stream(
     """Fill ``model`` module by module from ``ckpt`` (see module docstring)."""
     conv1d = set(model.qlora_conv1d)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    floating = floating_names(model)
     for owner, fqns in _group_by_module(names).items():
         tensors = {}
         for fqn in fqns:
@@ -172,6 +179,7 @@ def _stream(
                 continue  # read below, together with its quantisation state
             _check_shape(ckpt, key, fqn, shapes[fqn], owner in conv1d and leaf == "weight")
             tensor = ckpt.get(key)
+            check_tensor(key, ckpt.files[key], tensor, fqn in floating)
             tensor = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor  # cast on the host
             tensor = _to_device(tensor, device)
             tensors[leaf] = tensor.t().contiguous() if owner in conv1d and leaf == "weight" else tensor
@@ -258,6 +266,7 @@ def load_model(
     compute_dtype = dtype or (quant.compute_dtype if quant is not None else torch.bfloat16)
     folder = model_folder(name_or_path)
     config = load_config(folder, trust_remote_code)
+    refuse_foreign_quantisation(config, folder)
     stored_4bit = bnb_4bit_config(config)
     if stored_4bit is not None:
         del config.quantization_config
@@ -266,14 +275,16 @@ def load_model(
     model = _empty_model(config, compute_dtype, trust_remote_code, attn_implementation)
     tied_head = tied_output_name(model)
     expected = [k for k in model.state_dict() if tied_head is None or not k.startswith(tied_head + ".")]
-    names = _checkpoint_names(model, expected, set(files))
-    missing = [k for k, ck in names.items() if ck not in files]
+    sources = checkpoint_sources(model, expected, files)
+    missing = [k for k in expected if k not in sources.pieces]
     if missing:
         raise UsageError(
             f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the {type(model).__name__} "
             f"needs, e.g. {missing[:5]}"
         )
-    linears = {fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn != tied_head}
+    stacked = {f for f, pieces in sources.pieces.items() if len(pieces) > 1 or f in expert_weight_names(model)}
+    names = {f: sources.pieces[f][0].key for f in expected if f not in stacked}  # in model order
+    linears = {fqn for fqn, m in model.named_modules() if _plain_linear(m) and fqn != tied_head}
     prequantised = {f for f in linears if any(k.startswith(names[f"{f}.weight"] + ".quant_state.") for k in files)}
     quantise = set() if stored_4bit or quant is None else {f for f in linears if not name_matches(f, skip_modules)}
 
@@ -283,17 +294,27 @@ def load_model(
         return Linear4bit.quantize(weight, quant, bias)
 
     quant_parts = tuple(names[f"{f}.weight"] + "." for f in prequantised)  # read beside their weight
-    reads = set(names.values()) | {k for k in files if k.startswith(quant_parts)}
+    reads = {p.key for pieces in sources.pieces.values() for p in pieces} | {k for k in files if k.startswith(quant_parts)}
+    check_unused(model, files, reads)
+    experts_fmt = None if stored_4bit or quant is None or name_matches("experts", skip_modules) else quant
     nbytes = tensor_nbytes(files.values())
     with ExitStack() as stack:
         bar = stack.enter_context(byte_bar(sum(nbytes[k] for k in reads), f"load {folder.name}"))
         ckpt = _Checkpoint(files, stack, bar.update)
         _stream(model, ckpt, names, quantise, prequantised, make_4bit, compute_dtype, device)
+        if stream_stacked(model, ckpt, sources, stacked, experts_fmt, compute_dtype, device):
+            use_qlora_experts(model)
     if tied_head is not None:
         model.tie_weights()
     _finish(model, device)
     model.config._name_or_path = str(folder)
     return model.eval()
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is nn.Linear's: a subclass computing more (Phi-MoE's router
+    returns its top-k) keeps its 16-bit weight."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def _finish(model: nn.Module, device: torch.device) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from qlora.errors import UsageError
 from qlora.nn.adapter import adapter_layers
 
 
@@ -39,6 +40,16 @@ def render_chat(tokenizer, messages: list[dict], chat: bool = True) -> str:
     return messages[-1]["content"]
 
 
+def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A UsageError when the prompt and the new tokens do not fit the model's context window."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and prompt_tokens + max_new_tokens > context:
+        room = context - prompt_tokens
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the prompt's {prompt_tokens} tokens plus that exceed "
+                         f"the model's context of {context} tokens; expected at most {max(room, 0)}"
+                         f"{' (the prompt alone fills it: /reset the chat or shorten it)' if room < 1 else ''}")
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str | list[dict], *, max_new_tokens: int = 48,
              temperature: float = 0.0, top_p: float = 1.0, chat: bool = True, seed: int | None = None) -> str:
@@ -48,6 +59,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[dict], *, max_new_t
     templated = chat and getattr(tokenizer, "chat_template", None)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
     inputs = inputs.to(next(model.parameters()).device)
+    check_context(model, inputs["input_ids"].shape[1], max_new_tokens)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,
                               "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
     if temperature > 0:

@@ -1,7 +1,8 @@
 """Resolve what `qlora eval` / `qlora generate` should load, and load it.
 
 A TARGET is one of
-- a run folder (has `recipe.yaml`; its `adapter/` is used unless `--base`),
+- a run folder (has `recipe.yaml`; its `adapter/` is used unless `--base`; a run still training, or
+  stopped before its final adapter, uses its newest verified checkpoint's adapter and says so),
 - a recipe file (`*.yaml`),
 - a model: a built-in name (`smollm2-135m`), a local HF folder, or a 4-bit export.
 An adapter whose run folder holds a `base/` (saved when `lora.init` changed the 4-bit base, as
@@ -15,6 +16,7 @@ The recipe (or the defaults, for a bare model) supplies the quantisation and dat
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +25,7 @@ from qlora.config import RecipeConfig
 from qlora.recipe import apply_override, load_recipe, recipe_from_dict
 from qlora.errors import UsageError
 from qlora.adapters.spec import read_spec
-from qlora.run_dir import RunDir, saved_base
+from qlora.run_dir import ADAPTER, LOCK, RunDir, saved_base
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -68,7 +70,7 @@ def resolve_target(target: str, overrides: list[str], adapters: list[str] | None
     run_adapter = None
     if path.is_dir() and run.recipe.is_file():
         cfg = load_recipe(run.recipe, overrides)
-        run_adapter = run.adapter if run.adapter.is_dir() else None
+        run_adapter = None if base_only or adapters else run_adapter_of(run)
     elif path.suffix in (".yaml", ".yml"):
         cfg = load_recipe(path, overrides)
     else:
@@ -84,6 +86,27 @@ def resolve_target(target: str, overrides: list[str], adapters: list[str] | None
         chosen = {"adapter": run_adapter} if run_adapter else {}
     _use_saved_base(cfg, chosen)
     return Target(cfg, chosen)
+
+
+def run_adapter_of(run: RunDir) -> Path | None:
+    """A run folder's final adapter; for a live or stopped run without one yet, its newest verified
+    checkpoint's adapter (said on stderr); a UsageError when it has neither. None for a model
+    folder that holds a recipe (a merged model: config.json beside recipe.yaml)."""
+    from qlora.checkpoint_files import latest_checkpoint
+    from qlora.lockfile import live_owner
+
+    if run.adapter.is_dir():
+        return run.adapter
+    if (run.root / "config.json").is_file():
+        return None
+    state = "is still training" if live_owner(run.root / LOCK) else "stopped before writing its final adapter"
+    checkpoint = latest_checkpoint(run.root)
+    if checkpoint is None:
+        raise UsageError(f"run {str(run.root)!r} {state} and has no complete checkpoint yet, so it has no adapter "
+                         "to load; pass --base to use the base model alone")
+    print(f"note: run {str(run.root)!r} {state}; using the adapter of its newest verified checkpoint, "
+          f"{checkpoint.name}", file=sys.stderr)
+    return checkpoint / ADAPTER
 
 
 def _use_saved_base(cfg: RecipeConfig, adapters: dict[str, Path]) -> None:
@@ -125,11 +148,14 @@ class OneAdapter:
 def load_for_inference(target: Target, device) -> tuple[nn.Module, object, AdapterSet]:
     """(model in eval mode, tokenizer, its adapters): every adapter loaded, the first active."""
     from qlora.adapters.multi import AdapterSet
+    from qlora.adapters.peft_format import read_adapter_weights
     from qlora.hf.chat_template import saved_chat_template, set_chat_template
     from qlora.hf.folder import load_tokenizer
     from qlora.hf.load import load_base_model
 
     cfg = target.cfg
+    for folder in target.adapters.values():  # config and tensors checked before the base loads
+        read_adapter_weights(folder)
     model = load_base_model(cfg, device)
     dora = [name for name, folder in target.adapters.items() if read_spec(folder)[0].use_dora]
     if dora and len(target.adapters) > 1:

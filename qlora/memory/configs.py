@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 
 from qlora.errors import UsageError
+from qlora.memory.moe_models import MOE_ALIASES, MOE_CONFIGS
+from qlora.memory.moe_spec import MoeSpec, moe_spec_from_config, parameter_counts
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear layers of one decoder layer, in forward order (PEFT's "all-linear" minus lm_head)."""
@@ -46,6 +48,8 @@ class ModelShape:
     """Biases on q/k/v projections (Qwen2; LLaMA with `attention_bias`)."""
     o_bias: bool = False
     mlp_bias: bool = False
+    moe: MoeSpec | None = None
+    """The routed experts of a mixture-of-experts model (`qlora.memory.moe_spec`); None when dense."""
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -89,11 +93,16 @@ class ModelShape:
 
     def linear_weight_params(self) -> int:
         """Weight elements of all decoder linear layers (the part that is quantised to 4 bits)."""
+        if self.moe is not None:
+            counts = parameter_counts(self)
+            return counts["quantised_linears"] + counts["experts"]
         per_layer = sum(n_in * n_out for n_in, n_out in self.linear_shapes().values())
         return per_layer * self.num_hidden_layers
 
     def unquantised_params(self) -> int:
         """Embedding, untied lm_head, RMSNorm weights and linear biases (kept in compute dtype)."""
+        if self.moe is not None:
+            return parameter_counts(self)["unquantised"]
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
         biases = sum(self.bias_sizes().values()) * self.num_hidden_layers
@@ -120,7 +129,8 @@ def _qwen(name: str, h: int, i: int, layers: int, heads: int, kv: int, vocab: in
     return _llama(name, h, i, layers, heads, kv, vocab, tied=tied, qkv_bias=True)
 
 
-# Values of each model's published config.json (hidden, intermediate, layers, heads, kv heads, vocab).
+# Values of each model's published config.json (hidden, intermediate, layers, heads, kv heads, vocab);
+# the mixture-of-experts models (`qlora.memory.moe_models`) are added below `shape_from_config`.
 BUILTIN_MODELS: dict[str, ModelShape] = {m.name: m for m in (
     # LLaMA 1 (Touvron et al. 2023, Table 2; huggyllama/llama-* configs); "33b" is the paper's 32.5B.
     _llama("llama-7b", 4096, 11008, 32, 32, 32, 32000),
@@ -167,10 +177,15 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
         vocab_size=config["vocab_size"],
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         head_dim=config.get("head_dim"),
-        qkv_bias=attention_bias or config.get("model_type") == "qwen2",
+        qkv_bias=attention_bias or config.get("model_type") in ("qwen2", "qwen2_moe"),
         o_bias=attention_bias,
         mlp_bias=bool(config.get("mlp_bias", False)),
+        moe=moe_spec_from_config(config, name),
     )
+
+
+BUILTIN_MODELS.update({name: shape_from_config(config, name) for name, config in MOE_CONFIGS.items()})
+ALIASES.update(MOE_ALIASES)
 
 
 def builtin_shape(name: str) -> ModelShape | None:

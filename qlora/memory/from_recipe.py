@@ -3,7 +3,8 @@
 `qlora memory RECIPE` plans from these: the recipe's model shape (its folder's config.json, or a
 built-in shape when the folder is not on this machine yet), LoRA rank and targets, quantisation,
 micro-batch and sequence length, gradient checkpointing, optimiser, attention and the chunked or
-full loss, all as `qlora train` would use them.
+full loss, all as `qlora train` would use them; for a mixture-of-experts model also the expert LoRA
+of `lora.target_parameters` (`qlora.memory.moe`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def recipe_shape(recipe) -> tuple[ModelShape, str]:
 
     Tried in order: a local folder with config.json; a built-in shape of that name (`smollm2-135m`,
     or a folder named after its model such as `models/Meta-Llama-3-8B`, which need not exist yet);
-    the built-in test model `tiny-llama`.
+    the built-in test models `tiny-llama` and `tiny-mixtral`.
     """
     name = recipe.model.name_or_path
     config = os.path.join(os.path.expanduser(name), "config.json")
@@ -32,10 +33,11 @@ def recipe_shape(recipe) -> tuple[ModelShape, str]:
     if shape is not None:
         where = "" if shape.name == name else f" ({name} is not on this machine)"
         return shape, f"built-in shape {shape.name}{where}"
-    if name == "tiny-llama":
-        from qlora.hf.embedded import TINY_LLAMA
+    if name in ("tiny-llama", "tiny-mixtral"):
+        from qlora.hf.embedded import TINY_LLAMA, TINY_MIXTRAL
 
-        return shape_from_config(TINY_LLAMA, name=name), "the built-in test model"
+        config = TINY_LLAMA if name == "tiny-llama" else TINY_MIXTRAL
+        return shape_from_config(config, name=name), "the built-in test model"
     raise UsageError(f"model.name_or_path {name!r}: no local folder with config.json and no built-in shape of that "
                      f"name{did_you_mean(name)}; pass --model with one of {', '.join(BUILTIN_MODELS)} or a "
                      "config.json")
@@ -53,10 +55,13 @@ def settings_from_recipe(recipe, device: str = "cuda", **changes) -> PlanSetting
     if not recipe.quant.enabled:
         raise UsageError("quant.enabled is false: the planner models a 4-bit base (QLoRA) only")
     chunk = recipe.train.loss_chunk_size
+    experts = recipe.lora.target_parameters
     fields = dict(
         lora_r=recipe.lora.r, lora_targets=_recipe_targets(recipe.lora.targets), lora_dropout=recipe.lora.dropout,
+        lora_target_parameters=(experts,) if isinstance(experts, str) else tuple(experts),
         lora_dtype=recipe.lora.dtype, adalora=recipe.lora.use_adalora, seq_len=recipe.data.max_length, micro_batch=recipe.train.micro_batch_size,
         grad_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.optim.name,
+        offload_activations=recipe.train.offload_activations,
         compute_dtype=recipe.model.dtype, quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant,
         attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",

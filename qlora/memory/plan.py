@@ -18,8 +18,8 @@ r the LoRA rank, c the compute dtype's bytes (2 for bf16/fp16, 4 for fp32).
 LoRA: each targeted linear (n_in -> n_out) adds A (r x n_in) and B (n_out x r) in the LoRA dtype;
 their gradients have the same dtype. Optimiser states per tensor: bitsandbytes 8-bit Adam keeps two
 uint8 states plus one fp32 absmax per 256-element block for each state, but plain fp32 states for
-tensors under 4,096 elements; 32-bit bitsandbytes Adam keeps two fp32 states; torch AdamW keeps two
-states in the parameter's dtype plus an fp32 step. Paged optimisers may evict states to host memory
+tensors under 4,096 elements; 32-bit bitsandbytes Adam keeps two fp32 states; qlora's AdamW keeps two
+fp32 states whatever the adapters' dtype plus a float64 step. Paged optimisers may evict states to host memory
 under pressure; the plan counts them resident (the conservative case).
 
 Activations: the tensors autograd saves in one decoder layer of transformers' LlamaDecoderLayer
@@ -105,6 +105,8 @@ class PlanSettings:
     lora_r: int = 64
     lora_targets: tuple[str, ...] = LINEAR_NAMES
     """Linear layers that get adapters; default all seven ("all-linear")."""
+    lora_target_parameters: tuple[str, ...] = ()
+    """Fused 3-D expert parameters with LoRA (`lora.target_parameters`; `qlora.memory.moe`)."""
     lora_dropout: float = 0.0
     lora_dtype: str = "bf16"
     adalora: bool = False
@@ -112,6 +114,8 @@ class PlanSettings:
     seq_len: int = 512
     micro_batch: int = 1
     grad_checkpointing: bool = True
+    offload_activations: bool = False
+    """Checkpointed layers' inputs wait in host memory (`train.offload_activations`): two stay on the GPU."""
     optimizer: str = "paged_adamw_8bit"
     compute_dtype: str = "bf16"
     quant_type: str = "nf4"
@@ -135,6 +139,7 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "lora_target_parameters", tuple(self.lora_target_parameters))
         for name in ("lora_r", "seq_len", "micro_batch", "loss_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -251,8 +256,8 @@ def optimizer_state_bytes(numel: int, optimizer: str, param_bytes: int) -> int:
         return 2 * (numel + 4 * math.ceil(numel / OPTIM_BLOCK))
     if optimizer == "paged_adamw_32bit":
         return 2 * 4 * numel
-    if optimizer == "adamw":
-        return 2 * param_bytes * numel + 4
+    if optimizer == "adamw":  # qlora's AdamW: fp32 moments whatever the adapter dtype, a float64 step
+        return 2 * 4 * numel + 8
     raise UsageError(f"optimizer {optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -299,8 +304,9 @@ def saved_activation_bytes(model: ModelShape, s: PlanSettings, grad_checkpointin
     """Activations alive through the whole backward: checkpointed layer inputs, or every layer's set."""
     c, T, h = DTYPE_BYTES[s.compute_dtype], s.tokens, model.hidden_size
     final_norm = T * (4 * h + 4)
-    if grad_checkpointing:
-        return model.num_hidden_layers * c * T * h + final_norm
+    if grad_checkpointing:  # with offloading: the input being restored and the one in use
+        layers = min(2, model.num_hidden_layers) if s.offload_activations else model.num_hidden_layers
+        return layers * c * T * h + final_norm
     return model.num_hidden_layers * layer_activation_bytes(model, s) + final_norm
 
 
@@ -340,6 +346,10 @@ def plan_memory(config: dict | ModelShape, settings: PlanSettings | None = None)
     """Itemised peak memory of one QLoRA training step of `config` under `settings`."""
     model = config if isinstance(config, ModelShape) else shape_from_config(config)
     s = settings if settings is not None else PlanSettings()
+    if model.moe is not None or s.lora_target_parameters:
+        from qlora.memory.moe import plan_moe  # imports this module
+
+        return plan_moe(model, s)
     c, lora_bytes = DTYPE_BYTES[s.compute_dtype], DTYPE_BYTES[s.lora_dtype]
     lora_sizes = lora_tensor_sizes(model, s)
     lora_params = sum(lora_sizes)

@@ -321,13 +321,14 @@ class MemoryTracker:
 
 # ------------------------------------------------------------------------------------------ the plan beside it
 
-PLAN_ITEMS = {  # measured category -> the plan items it corresponds to
-    "weights_4bit": ("weights_4bit",),
-    "weights_unquantised": ("weights_unquantised",),
-    "lora_params": ("lora_params",),
-    "lora_grads": ("lora_grads",),
-    "optimizer_states": ("optimizer_states",),
-    "activations": ("activations", "logits_and_loss", "layer_backward", "dequant_workspace", "framework_overhead"),
+PLAN_ITEMS = {  # measured category -> the plan items it corresponds to (a MoE plan's too: qlora.memory.moe)
+    "weights_4bit": ("weights_4bit", "experts_4bit"),
+    "weights_unquantised": ("weights_unquantised", "routers"),
+    "lora_params": ("lora_params", "expert_lora_params"),
+    "lora_grads": ("lora_grads", "expert_lora_grads"),
+    "optimizer_states": ("optimizer_states", "expert_lora_optimizer"),
+    "activations": ("activations", "router_logits", "logits_and_loss", "layer_backward", "dequant_workspace",
+                    "expert_workspace", "framework_overhead"),
 }
 
 
@@ -362,5 +363,5 @@ def compare_with_plan(cfg, summary: dict, device: str = "cpu") -> dict:
                                   "target_tokens": plan.settings.target_tokens},
                      "total_bytes": plan.total_bytes, "breakdown_bytes": dict(plan.breakdown),
                      "ratio_plan_over_measured": plan.total_bytes / measured if measured else None,
-                     "by_category": {cat: sum(plan.breakdown[i] for i in items) for cat, items in PLAN_ITEMS.items()}}
+                     "by_category": {cat: sum(plan.breakdown.get(i, 0) for i in items) for cat, items in PLAN_ITEMS.items()}}
     return out

@@ -45,27 +45,28 @@ from qlora.quant.format import QuantFormat
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x @ dequant(W).T + b, saving only the packed weight for the backward pass."""
 
+    # Note: autocast. x arrives in the compute dtype; a caller's autocast (fp16, say) must not recast
+    # the matmuls, so both directions run with autocast off (custom_fwd / custom_bwd keep the pair).
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        state: QuantState,
-        bias: torch.Tensor | None,
-    ) -> torch.Tensor:
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(packed)  # the only tensor kept alive until backward
         ctx.state = state  # its tensors are owned by the module; nothing new is kept
         ctx.has_bias = bias is not None
         # Dequantise into x's dtype + F.linear; for <= 8 rows the fused matvec instead.
-        return matmul_4bit(x, packed, state, bias, workspace=weight_workspace(state.shape, x.dtype, x.device))
+        with torch.autocast(x.device.type, enabled=False):
+            return matmul_4bit(x, packed, state, bias, workspace=weight_workspace(state.shape, x.dtype, x.device))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx: Any, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = _dequantize_as(packed, ctx.state, grad_out.dtype)
-            grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
+            with torch.autocast(grad_out.device.type, enabled=False):
+                grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
@@ -242,10 +243,8 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), computed and returned in `compute_dtype`."""
         if self.quant_state is None:
-            raise RuntimeError(
-                "Linear4bit: this layer is an empty shell (built on the meta device); "
-                "fill it with load_state_dict(...) or set_quantized(...) before calling it"
-            )
+            raise RuntimeError("Linear4bit: this layer is an empty shell (built on the meta device); "
+                               "fill it with load_state_dict(...) or set_quantized(...) before calling it")
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return linear_4bit(x, self.weight, self.quant_state, bias)

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from qlora.nn.router_loss import balancing_function, router_aux_loss
+
 IGNORE_INDEX = -100
 
 
@@ -64,15 +66,24 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.router_loss: torch.Tensor | None = None
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The backbone's last hidden states (b, T, H); packed rows when `position_ids` is given."""
+        """The backbone's last hidden states (b, T, H); packed rows when `position_ids` is given.
+
+        A mixture-of-experts model whose config asks for its load-balancing loss leaves that term
+        in `self.router_loss` (qlora.nn.router_loss), else None.
+        """
         backbone = self.model.get_decoder()
+        router = {"output_router_logits": True} if balancing_function(self.model) else {}
         if position_ids is None:
-            return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        packed = packed_attention_kwargs(position_ids, getattr(self.model.config, "_attn_implementation", None))
-        return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packed).last_hidden_state
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **router)
+        else:
+            packed = packed_attention_kwargs(position_ids, getattr(self.model.config, "_attn_implementation", None))
+            out = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packed, **router)
+        self.router_loss = router_aux_loss(self.model, out.router_logits, attention_mask) if router else None
+        return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 target_positions: torch.Tensor | None = None,
@@ -86,10 +97,13 @@ class CausalLMLoss(nn.Module):
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, target_positions)  # (N, H)
         targets = targets.index_select(0, target_positions)
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), self.chunk_size):
-            h, y = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]
+        size = self.chunk_size or max(targets.numel(), 1)  # 0: one chunk, no chunking
+        for start in range(0, targets.numel(), size):
+            h, y = hidden[start:start + size], targets[start:start + size]
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
             else:
                 total = total + _chunk_loss(head, h, y)
+        if self.router_loss is not None:  # per token, as transformers adds it to its mean loss
+            total = total + self.router_loss.float() * targets.numel()
         return total, torch.tensor(targets.numel())

@@ -18,13 +18,22 @@ it built), triton on CUDA (when importable), the reference otherwise. Double qua
 absmax vector (64x smaller than the weight) is always done by the reference; decoding it is part of
 each backend's dequantise, since that runs on every forward and backward.
 
-Note: what "bit-exact with bitsandbytes" means on CUDA. The 4-bit codes, the fp32 absmax and every
-dequantised value equal bitsandbytes' on any device. The 8-bit codes of double quantisation follow
-bitsandbytes' CPU quantiser (a 65,536-point grid) on every device, so a checkpoint holds the same
-bytes whichever device quantised it; bitsandbytes' CUDA quantiser searches exact midpoints and
-picks the neighbouring code for the few constants within half a grid step (1.5e-5) of a midpoint.
-Both decode with the same table, so either file dequantises identically in both libraries;
-`tools/gpu_check.py` counts the differing constants against bitsandbytes' CUDA kernels.
+Note: what "bit-exact with bitsandbytes" means. Precisely:
+- the packed 4-bit codes and the fp32 absmax per block equal bitsandbytes' on any device, and so
+  does every dequantised value of the same bytes (our dequantise of their tensors equals theirs);
+- with double quantisation, the offset (the mean of the block scales) is stored and the nested
+  codes quantise `absmax - offset`. bitsandbytes takes torch's fp32 `absmax.mean()`, whose bits
+  depend on the device and the thread count; ours is `reference.fixed_order_mean` (a fixed-order
+  float64 sum rounded once), the same on every machine. So: every byte equals bitsandbytes' when
+  its offset comes out as ours; otherwise the offset is within 1 fp32 ulp of theirs, and the
+  nested codes and nested absmax equal theirs given their offset (tests/test_quant.py checks
+  exactly this). Either file decodes the same way in both libraries.
+- the 8-bit codes of double quantisation follow bitsandbytes' CPU quantiser (a 65,536-point grid)
+  on every device, so a checkpoint holds the same bytes whichever device or thread count
+  quantised it (tests/test_offset.py); bitsandbytes' CUDA quantiser searches exact midpoints and
+  picks the neighbouring code for the few constants within half a grid step (1.5e-5) of a
+  midpoint. `tools/gpu_check.py` reports offset differences apart from code differences against
+  bitsandbytes' CUDA kernels.
 """
 
 from __future__ import annotations

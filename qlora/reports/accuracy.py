@@ -18,8 +18,9 @@ file: its weights already sit on a 4-bit grid (per 32 weights), which is not wha
 checkpoint looks like; MiniLM's are real fp32.
 
 Beside ours, for nf4/fp4, bitsandbytes' figures on the same tensors (only when it is installed;
-it has no int4). Its quantiser must give the same 4-bit codes and the same dequantised values: the
-report carries ``codes_equal`` and ``max_abs_diff``. bitsandbytes 0.50.2's CPU dequantise has been
+it has no int4). Its quantiser must give the same 4-bit codes and the same dequantised values (with
+double quantisation, up to its offset's last bit: see quant/backends.py): the report carries
+``codes_equal`` and ``max_abs_diff``. bitsandbytes 0.50.2's CPU dequantise has been
 seen to go wrong when the last dimension is not a multiple of the block size (not reproduced on the
 shapes here; avoiding it is cheap), so every tensor is handed to it flattened, zero-padded to whole
 blocks and viewed as rows of one block, ``(-1, blocksize)``; zero padding changes no block's

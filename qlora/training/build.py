@@ -18,6 +18,7 @@ from qlora.adapters.surgery import apply_lora, prepare_for_training
 from qlora.config import RecipeConfig
 from qlora.errors import UsageError
 from qlora.hf.load import load_base_model
+from qlora.outputs import written_kind
 from qlora.run_dir import LOCK, MARKERS, RunDir
 from qlora.training.checkpoint import latest_checkpoint
 
@@ -50,13 +51,17 @@ def prepare_run_dir(cfg: RecipeConfig, resume: bool) -> tuple[Path, bool, Path |
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
-            raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+            raise UsageError(f"--resume: {run_dir} has no complete checkpoint to resume from; "
+                             "--overwrite (instead of --resume) starts the run afresh there")
         return run_dir, False, checkpoint
     if not (run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir())):
         return run_dir, False, None
     if not cfg.output.overwrite:
         raise UsageError(f"output.dir {str(run_dir)!r} already exists; pass --overwrite "
                          "(or output.overwrite=true), --resume, or choose another output.dir")
+    if written_kind(run_dir) is not None:  # a merged model holds its run's recipe.yaml
+        raise UsageError(f"output.dir {str(run_dir)!r} holds a {written_kind(run_dir)} model, not a run; "
+                         "refusing to delete it with --overwrite")
     if not RunDir(run_dir).is_run():
         raise UsageError(f"output.dir {str(run_dir)!r} is not empty and holds no qlora run "
                          f"({' / '.join(MARKERS)}); refusing to delete it with --overwrite")

@@ -86,6 +86,13 @@ class Evaluator:
         self.last_step: int | None = None
         self.last_record: dict | None = None
 
+    def recall(self, records: list[dict], step: int) -> None:
+        """Take the evaluation a resumed run already logged at `step` (its checkpoint's) as the last
+        one, so a run resumed at its final step does not evaluate and log that step twice."""
+        done = [r for r in records if "eval_loss" in r and r.get("step") == step]
+        if done:
+            self.last_step, self.last_record = step, {k: v for k, v in done[-1].items() if k != "samples"}
+
     def __call__(self, step: int, when: str = "") -> dict:
         """Evaluate at optimiser `step`: log, print, sample, keep the best; returns the record."""
         record = {"step": step, **evaluate(self.loss_fn, self.loader, self.rt, self.tc.eval_steps)}

@@ -1,12 +1,17 @@
-"""The finiteness guard: one bad optimiser step never ruins a run.
+"""The finiteness guard: one bad optimiser step never ruins a run, and it costs no host sync.
 
 A NaN or Inf anywhere in the gradients makes the global gradient norm non-finite, and that norm is
-computed anyway by gradient clipping, so the guard costs one number per optimiser step (no extra
-host sync per micro-batch). On a non-finite norm the optimiser step is skipped: the gradients are
-dropped, weights and optimiser state stay as they were; the scheduler and the data still advance,
-so step numbers keep their meaning and a resumed run stays aligned. `max_bad_steps` bad steps in a
-row stop the run with `NonFiniteError` (exit status 3): by then the run is not recovering by itself
-(learning rate too high, data that overflows the dtype).
+computed anyway by gradient clipping. `guarded_step` turns it into a 0-dim flag on the device and
+steps without reading it: qlora's AdamW (`training/adamw.py`) takes the flag and leaves weights,
+moments and step count bit for bit as they were on a bad step; a bitsandbytes optimiser cannot
+take a flag, so the bad step's gradients are set to 0 on the device first and its step is one
+with a zero gradient (no NaN reaches weights or states; Adam coasts on its decayed momentum).
+The host learns of the step only when it reads anyway: at a logged step, before a checkpoint,
+at the end of the run (`resolve`, one read for all pending steps). Then each step is classified:
+the scheduler and the data advanced regardless, so step numbers keep their meaning and a resumed
+run stays aligned. `max_bad_steps` bad steps in a row stop the run with `NonFiniteError` (exit
+status 3) at that read: by then the run is not recovering by itself (learning rate too high, data
+that overflows the dtype). With `train.log_every: 1` every step is read (the loss is logged).
 
 A norm of exactly 0 for `max_bad_steps` steps in a row is warned about once: the adapters get no
 signal (often a learning rate so high that the weights saturated), which used to go unnoticed.
@@ -43,6 +48,21 @@ class StepGuard:
         self.bad_total = 0
         self.zero_in_a_row = 0
         self.warned_dead = False
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, norm on the device), not read yet
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, step: int) -> None:
+        """Optimiser step `step` (1-based), a no-op on the device when `grad_norm` is non-finite."""
+        guarded_step(optimizer, grad_norm)
+        self.pending.append((step, grad_norm.detach()))
+
+    def resolve(self) -> bool:
+        """Read every pending norm at once (one host sync); True when the last step was applied.
+        Raises `NonFiniteError` once `max_bad_steps` steps in a row were bad."""
+        if not self.pending:
+            return self.bad_in_a_row == 0
+        norms = torch.stack([n.float().reshape(()) for _, n in self.pending]).tolist()
+        steps, self.pending = [s for s, _ in self.pending], []
+        return [self.step_ok(norm, s) for s, norm in zip(steps, norms)][-1]
 
     def step_ok(self, grad_norm: float | torch.Tensor, step: int) -> bool:
         """True when optimiser step `step` (1-based) may be applied; raises after too many bad ones."""
@@ -69,6 +89,7 @@ class StepGuard:
     def can_checkpoint(self, model: nn.Module, step: int) -> bool:
         """True when a periodic checkpoint may be written now: never inside a streak of bad steps
         (weights that blow up the next forward pass may still be finite), never non-finite weights."""
+        self.resolve()
         if self.bad_in_a_row:
             log.warning("step %d: no checkpoint while steps are non-finite; the last one is kept", step)
             return False
@@ -78,6 +99,7 @@ class StepGuard:
     def check_final(self, model: nn.Module, step: int) -> None:
         """Raise unless the final adapter may be written (finite weights); warn when the run ended
         inside a streak of skipped steps (the weights are those of the last good step)."""
+        self.resolve()
         self.check_weights(model, step)
         if self.bad_in_a_row:
             log.warning("the run ended with %d skipped (non-finite) step(s) in a row; the adapter holds the "
@@ -95,6 +117,21 @@ def weights_finite(model: nn.Module) -> bool:
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters() if p.requires_grad]
     flags = [torch.isfinite(p.detach()).all() for p in full]  # FSDP: every process sees every value
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+    """`optimizer.step()` that changes nothing from a non-finite `grad_norm`, without reading it."""
+    finite = torch.isfinite(grad_norm.detach())
+    if getattr(optimizer, "skips_on_device", False):
+        optimizer.step(keep=finite)
+        return
+    bad = ~finite
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                grad.masked_fill_(bad.to(grad.device), 0.0)
+    optimizer.step()
 
 
 def inject_nan(optimizer: torch.optim.Optimizer, step: int) -> None:

@@ -50,15 +50,17 @@ from qlora.hf.folder import load_tokenizer
 from qlora.inference.generate import before_after
 from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
-from qlora.run_dir import RunDir
+from qlora.run_dir import RunDir, read_metrics
 from qlora.training.build import build_model, prepare_run_dir
 from qlora.training.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from qlora.training.evals import Evaluator
 from qlora.training.guard import StepGuard, inject_nan
 from qlora.training.lock import clear_run_dir, run_lock
-from qlora.training.metrics import MetricsLogger
+from qlora.training.metrics import MetricsLogger, logged_throughput
 from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
+from qlora.training.optim import check_available as check_optimizer
+from qlora.training.offload import activation_offload
 
 log = logging.getLogger("qlora")
 
@@ -105,6 +107,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
            phase: Callable[[str], contextlib.AbstractContextManager], rows: Rows) -> dict:
     tc = cfg.train
     rt = runtime.setup(tc.device, cfg.model.dtype, tc.threads)
+    check_optimizer(cfg.optim, rt.device)  # a missing bitsandbytes is said before the model loads
     run_dir, clear_old_run, checkpoint = prepare_run_dir(cfg, resume)
     runtime.seed_everything(tc.seed)
     say = print if rt.is_main else (lambda *a, **k: None)
@@ -163,6 +166,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
                           run_dir, spec, base_name, say=tqdm.write if rt.is_main else say)
     if checkpoint is not None and "best" in state:
         evaluator.best.load_state_dict(state["best"])
+    if checkpoint is not None and RunDir(run_dir).metrics.is_file():  # every rank: they evaluate together
+        evaluator.recall(read_metrics(run_dir), progress.step)
 
     summary: dict = {"run_dir": str(run_dir), "total_steps": total_steps}
     if eval_loader is not None and not resume:
@@ -170,6 +175,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             summary["eval_before"] = evaluator(0, " (before training)")
 
     batches = _micro_batches(train_loader)
+    offload = activation_offload(tc.offload_activations, rt.device)  # layer inputs to pinned host memory
     guard = StepGuard(tc.max_bad_steps)
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not rt.is_main, desc="train", unit="step")
@@ -177,14 +183,14 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     while progress.step < total_steps:
         t0 = time.perf_counter()
         window = [next(batches) for _ in range(tc.grad_accum_steps)]  # micro-batches of this step
-        local = [int((b["labels"][:, 1:] != -100).sum()) for b in window]
-        in_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+        local = [b["target_positions"].numel() for b in window]  # host batches: never a device read
+        in_tokens = sum(int(b["attention_mask"].numpy().sum()) for b in window)
         global_targets, global_tokens = runtime.all_reduce_sum([sum(local), in_tokens], rt)
         scale = rt.world_size / max(global_targets, 1.0)
         loss_total = torch.zeros((), device=rt.device)  # stays on the device: no sync per micro-batch
         for i, batch in enumerate(window):
             with gradient_sync(loss_fn, sync=i == len(window) - 1):
-                with phase("forward"):
+                with phase("forward"), offload:
                     loss_sum, _ = loss_fn(**{k: v.to(rt.device, non_blocking=True) for k, v in batch.items()})
                 with phase("backward"):
                     (loss_sum * scale + _penalty(hooks) / len(window)).backward()
@@ -192,9 +198,9 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         with phase("optimizer"):
             inject_nan(optimizer, progress.step + 1)  # test hook, off unless QLORA_INJECT_NAN_STEPS is set
             grad_norm = clip_gradients(optimizer, cfg.optim.max_grad_norm)
-            hook_metrics = {}
-            if step_ok := guard.step_ok(grad_norm, progress.step + 1):
-                optimizer.step()
+            guard.step(optimizer, grad_norm, progress.step + 1)  # a no-op when non-finite; no host read
+            step_ok, hook_metrics = True, {}
+            if hooks and (step_ok := guard.resolve()):  # adapter hooks (AdaLoRA's ranks) read anyway
                 for hook in hooks:
                     hook_metrics.update(hook.after_step(progress.step + 1))
             scheduler.step()
@@ -205,6 +211,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
         progress.tokens += int(global_tokens)
         bar.update(1)
         if progress.step % tc.log_every == 0 or progress.step == total_steps:  # the only host reads
+            step_ok = guard.resolve()
             dt = time.perf_counter() - t0
             record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
                       "loss": float(loss_total) / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
@@ -234,6 +241,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     bar.close()
     elapsed = time.perf_counter() - t_train
     summary["train_tokens_per_s"] = (progress.tokens - tokens_at_start) / max(elapsed, 1e-9)
+    if progress.tokens == tokens_at_start and rt.is_main:  # resumed at the final step: nothing trained now
+        summary["train_tokens_per_s"] = logged_throughput(read_metrics(run_dir)) or 0.0
     summary["train_time_s"] = elapsed
 
     if rt.distributed:

@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from qlora.io import write_text_atomic
+from qlora.io import named_os_errors, write_text_atomic
 from qlora.run_dir import RunDir
 from qlora.training.trackers import open_trackers, scalars
 
@@ -35,7 +35,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
+        with named_os_errors(self.path), self.path.open("a", encoding="utf-8") as f:
             f.write(_line(record))
         for tracker in self.trackers:
             tracker.log(scalars(record), record["step"])
@@ -43,6 +43,14 @@ class MetricsLogger:
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.close()
+
+
+def logged_throughput(records: list[dict]) -> float | None:
+    """Median tokens/s of the logged train steps (a run resumed at its final step trains none)."""
+    import statistics
+
+    speeds = [r["tokens_per_s"] for r in records if "loss" in r and r.get("tokens_per_s")]
+    return statistics.median(speeds) if speeds else None
 
 
 def _line(record: dict) -> str:

@@ -3,10 +3,13 @@
 Optimisers by name: bitsandbytes' paged 8-bit AdamW (the QLoRA paper's; its two Adam moments are
 stored as blockwise-quantised uint8 with a dynamic code, 256 values per fp32 absmax, so they cost
 2 bytes/param instead of 8, and paging lets CUDA evict them to host memory under memory spikes),
-8-bit AdamW, paged 32-bit AdamW, or torch AdamW. Paging needs CUDA unified memory: with parameters
+8-bit AdamW, paged 32-bit AdamW, or qlora's AdamW (`training/adamw.py`: fp32 moments whatever the
+adapters' dtype, where torch's would keep bf16 ones; a bad step skipped on the device). bitsandbytes
+keeps fp32 (or 8-bit) states for bf16 parameters too. Paging needs CUDA unified memory: with parameters
 on the CPU the un-paged bitsandbytes class is used and that is logged once, here, instead of
 bitsandbytes warning on its own. bitsandbytes is imported only when a bitsandbytes optimiser is
-built (its import costs seconds).
+built (its import costs seconds). `check_available` runs before the model loads, so a missing
+bitsandbytes (or one without its CUDA library on a CUDA run) is reported in seconds, not after the load.
 
 Parameter groups come from the roles adapter layers give their tensors (`qlora.nn.adapter.Role`),
 never from names: weight decay goes to the low-rank factors only (Role.A / Role.B), never to
@@ -34,10 +37,11 @@ from qlora.choices import OPTIMIZERS
 from qlora.config import OptimConfig
 from qlora.errors import UsageError
 from qlora.nn.adapter import Role, trainable_with_roles
+from qlora.training.adamw import AdamW
 
 log = logging.getLogger(__name__)
 
-# optim.name -> (bitsandbytes class on CUDA, bitsandbytes class off CUDA); None: torch AdamW
+# optim.name -> (bitsandbytes class on CUDA, bitsandbytes class off CUDA); None: qlora's AdamW
 _BNB_CLASSES = {
     "paged_adamw_8bit": ("PagedAdamW8bit", "AdamW8bit"),
     "adamw_8bit": ("AdamW8bit", "AdamW8bit"),
@@ -70,7 +74,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         raise UsageError(f"optim.name: {cfg.name!r} is not allowed; expected one of {', '.join(OPTIMIZERS)}")
     classes = _BNB_CLASSES[cfg.name]
     if classes is None:
-        return torch.optim.AdamW(groups, **kwargs)
+        return AdamW(groups, **kwargs)
     import bitsandbytes as bnb
 
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
@@ -79,6 +83,23 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         log.warning("optim: %s pages optimiser state through CUDA unified memory; the parameters are "
                     "not on CUDA, so the un-paged bitsandbytes %s is used", cfg.name, cls_name)
     return getattr(bnb.optim, cls_name)(groups, **kwargs)
+
+
+def check_available(cfg: OptimConfig, device: torch.device) -> None:
+    """Raise UsageError now when `cfg.name` needs a bitsandbytes that is missing or, on CUDA, lacks
+    its CUDA library (bitsandbytes then imports, and fails at the first step)."""
+    if _BNB_CLASSES.get(cfg.name) is None:
+        return
+    fix = "install bitsandbytes (pip install bitsandbytes) or set optim.name=adamw"
+    try:
+        from bitsandbytes.cextension import lib
+    except Exception as err:  # ImportError, or a broken install failing at import time
+        raise UsageError(f"optim.name: {cfg.name!r} needs bitsandbytes, which does not import "
+                         f"({type(err).__name__}: {err}); {fix}") from None
+    if device.type == "cuda" and not getattr(lib, "compiled_with_cuda", False):
+        raise UsageError(f"optim.name: {cfg.name!r} on CUDA needs bitsandbytes' CUDA library, which did not "
+                         f"load (bitsandbytes {type(lib).__name__}); install the bitsandbytes build for this "
+                         "CUDA, or set optim.name=adamw")
 
 
 @dataclass
