@@ -60,8 +60,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        with named_os_errors(path):
-            fsync_path(Path(tmp))
+        with named_os_errors(path):  # a file's fsync error (ENOSPC, EIO) is real: not swallowed
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         plain_permissions(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)

@@ -178,8 +178,12 @@ def test_bad_input_exits_2_and_writes_nothing(work, tok, capsys):
     out.write_bytes(b"not ours")
     assert main(["export", str(adapter), "--gguf", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(adapter), "--gguf", str(out), "--overwrite"]) == 2
+    assert "is not a GGUF file" in capsys.readouterr().err
     assert out.read_bytes() == b"not ours" and _names(out.parent) == {"x.gguf"}
-    assert main(["export", str(adapter), "--gguf", str(out), "--overwrite"]) == 0
+    out.unlink()
+    assert main(["export", str(adapter), "--gguf", str(out)]) == 0
+    assert main(["export", str(adapter), "--gguf", str(out), "--type", "q8_0", "--overwrite"]) == 0
     assert _names(out.parent) == {"x.gguf", "x.Modelfile"}
 
 

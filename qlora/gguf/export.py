@@ -53,7 +53,8 @@ def resolve_source(source: str | Path, base: str | None = None) -> Source:
 
 
 def check_output_file(out: str | Path, overwrite: bool) -> Path:
-    """OUT.gguf, refused when it or its OUT.Modelfile exists (unless ``overwrite``), or has no folder."""
+    """OUT.gguf, refused when it or its OUT.Modelfile exists (unless ``overwrite``, and then only a
+    GGUF file is replaced), or has no folder."""
     from qlora.gguf.modelfile import modelfile_path
 
     out = Path(out)
@@ -62,6 +63,8 @@ def check_output_file(out: str | Path, overwrite: bool) -> Path:
     for path in (out, modelfile_path(out)):
         if path.exists() and not overwrite:
             raise UsageError(f"output {path} already exists; choose another path or pass --overwrite")
+    if out.is_file() and out.read_bytes()[:4] != b"GGUF":  # --overwrite replaces a GGUF file, nothing else
+        raise UsageError(f"output {out} exists and is not a GGUF file; --overwrite replaces GGUF files only")
     if out.is_dir():
         raise UsageError(f"output {out} is a folder; --gguf takes a file name")
     if not out.parent.is_dir():
