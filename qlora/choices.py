@@ -11,6 +11,8 @@ DTYPES = ("bf16", "fp16", "fp32")
 HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """Short name -> the torch attribute name transformers and bitsandbytes write in JSON."""
 QUANT_TYPES = ("nf4", "fp4", "int4")
+
+GGUF_TYPES = ("bf16", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # `qlora export --gguf --type`
 """4-bit codebooks; bitsandbytes has the first two (`BNB_QUANT_TYPES`)."""
 BNB_QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -16,7 +16,7 @@ import sys
 from qlora.argparsing import Parser
 from qlora.errors import Interrupted, NonFiniteError, UsageError, describe_os_error
 
-COMMANDS = ("train", "eval", "generate", "merge", "combine", "quantize", "memory", "accuracy", "plot", "config")
+COMMANDS = ("train", "eval", "generate", "merge", "export", "combine", "quantize", "memory", "accuracy", "plot", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:

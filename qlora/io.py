@@ -43,22 +43,35 @@ def plain_permissions(path: str | os.PathLike) -> None:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f, named_os_errors(path):
+            f.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer that opens the file itself (e.g. a GGUF
+    writer); when the block succeeds it is fsynced and renamed over `path`, else deleted."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UsageError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f, named_os_errors(path):
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        with named_os_errors(path):  # a file's fsync error (ENOSPC, EIO) is real: not swallowed
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         plain_permissions(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 @contextlib.contextmanager

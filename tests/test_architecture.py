@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "qlora"
 SERVING = ("qlora.inference", "qlora.hf", "qlora.adapters", "qlora.reports", "qlora.commands.eval",
-           "qlora.commands.generate", "qlora.commands.merge", "qlora.commands.quantize", "qlora.nn", "qlora.quant")
+           "qlora.commands.generate", "qlora.commands.merge", "qlora.commands.quantize", "qlora.nn", "qlora.quant",
+           "qlora.gguf", "qlora.commands.export")
 MAX_LINES = 400
 
 

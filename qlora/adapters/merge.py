@@ -8,7 +8,8 @@ For a LoRA adapter on module m with A (r, in), B (out, r) and scaling s:
 where W_m is the 16-bit base weight, or the exactly dequantised 4-bit one (never re-quantised).
 `merge_state_dict` does this over plain dicts (a base state dict, 16-bit or bitsandbytes 4-bit,
 and a PEFT-keyed adapter state dict) with no model built: the form that adapter composition and
-hot swap need. `merge_lora` does the same to a loaded model in place, through the same two
+hot swap need. Its per-weight step, `AdapterUpdates.apply`, is also what `qlora export --gguf`
+streams through, one tensor at a time. `merge_lora` does the same to a loaded model in place, through the same two
 functions (`lora_delta`, `add_delta`), so both agree bit for bit (tested). `merge_adapter` is the
 `qlora merge` command: load the base, merge, write a Hugging Face folder with the recipe beside it.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -32,37 +34,68 @@ QUANT_STATE_INFIX = ".quant_state.bitsandbytes__"
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # PEFT's DoRA key
 
 
-def _quantised_weights(base: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """`<fqn>.weight` -> its bitsandbytes quantisation entries, for every 4-bit weight in `base`."""
-    keys = {k.split(QUANT_STATE_INFIX)[0] for k in base if QUANT_STATE_INFIX in k}
-    parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
-    for key, value in base.items():
+def quantised_parts(keys: Iterable[str]) -> dict[str, list[str]]:
+    """`<fqn>.weight` -> the keys of its bitsandbytes quantisation entries, for every 4-bit weight
+    among checkpoint `keys` (``weight.absmax``, ``weight.quant_map``, ... ``weight.quant_state.*``)."""
+    keys = list(keys)
+    parts: dict[str, list[str]] = {k.split(QUANT_STATE_INFIX)[0]: [] for k in keys if QUANT_STATE_INFIX in k}
+    for key in keys:
         owner = key.rpartition(".")[0]
         while owner and owner not in parts:
             owner = owner.rpartition(".")[0]
         if owner:
-            parts[owner][key] = value
+            parts[owner].append(key)
     return parts
 
 
 def dequantized_state_dict(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`base` with every bitsandbytes 4-bit weight replaced by its exact dequantisation."""
-    quantised = _quantised_weights(base)
+    quantised = quantised_parts(base)
     inner = {k for parts in quantised.values() for k in parts}
     out = {}
     for key, value in base.items():
         if key in inner:
             continue
         if key in quantised:
-            value = dequantize_4bit(value, QuantState.from_dict(quantised[key], prefix=key + "."))
+            state = QuantState.from_dict({k: base[k] for k in quantised[key]}, prefix=key + ".")
+            value = dequantize_4bit(value, state)
         out[key] = value
     return out
 
 
-def adapter_deltas(adapter: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, torch.Tensor]:
-    """`<fqn>.weight` -> fp32 scaling * B @ A, from a PEFT-keyed adapter state dict."""
-    return {f"{fqn}.weight": lora_delta(lora_A, lora_B, spec.scaling)
-            for fqn, (lora_A, lora_B) in lora_pairs(adapter).items()}
+class AdapterUpdates:
+    """What an adapter changes, weight by weight: `apply(key, W)` is W's merged value, computed
+    when asked (one fp32 delta alive at a time), so a merge can stream one tensor at a time.
+
+    Built from a PEFT-keyed adapter state dict and its spec; `check(shapes)` refuses an adapter
+    that does not fit a base (a missing weight or another shape) before anything is merged.
+    """
+
+    def __init__(self, adapter: dict[str, torch.Tensor], spec: LoraSpec) -> None:
+        self.scaling = spec.scaling
+        self.pairs = {f"{fqn}.weight": pair for fqn, pair in lora_pairs(adapter).items()}
+        self.magnitudes = {f"{k.removeprefix(PEFT_PREFIX).removesuffix(MAGNITUDE_SUFFIX)}.weight": v
+                           for k, v in adapter.items() if k.endswith(MAGNITUDE_SUFFIX)}
+        if self.magnitudes.keys() - self.pairs.keys():
+            extra = sorted(self.magnitudes.keys() - self.pairs.keys())[:3]
+            raise UsageError(f"adapter magnitudes without a lora_A / lora_B pair: {extra}")
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every adapted weight must be in `shapes` (key -> base shape) with the update's shape."""
+        for key, (lora_A, lora_B) in self.pairs.items():
+            want = (lora_B.shape[0], lora_A.shape[1])
+            if tuple(shapes.get(key, ())) != want:
+                got = tuple(shapes[key]) if key in shapes else "no such tensor"
+                raise UsageError(f"adapter update for {key!r} has shape {want}; the base has {got}")
+
+    def apply(self, key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`value` (the base tensor `key`) merged and cast to `dtype`; non-float tensors unchanged."""
+        if key not in self.pairs:
+            return value.to(dtype) if value.is_floating_point() else value
+        delta = lora_delta(*self.pairs[key], self.scaling)
+        if key in self.magnitudes:
+            return dora_weight(value, delta, self.magnitudes[key]).to(dtype)
+        return add_delta(value, delta, dtype)
 
 
 def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], spec: LoraSpec,
@@ -74,24 +107,9 @@ def merge_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torch.Ten
     adapter's shape, otherwise a UsageError names it.
     """
     weights = dequantized_state_dict(base)
-    deltas = adapter_deltas(adapter, spec)
-    for key, delta in deltas.items():
-        if key not in weights or tuple(weights[key].shape) != tuple(delta.shape):
-            got = tuple(weights[key].shape) if key in weights else "no such tensor"
-            raise UsageError(f"adapter update for {key!r} has shape {tuple(delta.shape)}; the base has {got}")
-    magnitudes = {f"{k.removeprefix(PEFT_PREFIX).removesuffix(MAGNITUDE_SUFFIX)}.weight": v
-                  for k, v in adapter.items() if k.endswith(MAGNITUDE_SUFFIX)}
-    if magnitudes.keys() - deltas.keys():
-        raise UsageError(f"adapter magnitudes without a lora_A / lora_B pair: {sorted(magnitudes.keys() - deltas.keys())[:3]}")
-
-    def merged(key: str, value: torch.Tensor) -> torch.Tensor:
-        if key in magnitudes:
-            return dora_weight(value, deltas[key], magnitudes[key]).to(dtype)
-        if key in deltas:
-            return add_delta(value, deltas[key], dtype)
-        return value.to(dtype) if value.is_floating_point() else value
-
-    return {key: merged(key, value) for key, value in weights.items()}
+    updates = AdapterUpdates(adapter, spec)
+    updates.check({key: tuple(value.shape) for key, value in weights.items()})
+    return {key: updates.apply(key, value, dtype) for key, value in weights.items()}
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -147,12 +165,23 @@ def check_finite_model(model: nn.Module, what: str) -> None:
             raise UsageError(f"{what}: tensor {name!r} has {bad} non-finite value(s); nothing was written")
 
 
+def adapter_base(adapter_dir: Path, base: str | None = None) -> str:
+    """The base an adapter merges into: ``base`` when given, else the base saved in the adapter's
+    run (`lora.init` changed it), else the adapter's ``base_model_name_or_path``."""
+    from qlora.adapters.spec import read_peft_config
+    from qlora.run_dir import saved_base
+
+    found = base or saved_base(adapter_dir) or read_peft_config(adapter_dir).get("base_model_name_or_path")
+    if not found:
+        raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
+    return str(found)
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,
                   dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, inputs: tuple = ()) -> Path:
     """Merge a PEFT LoRA adapter into its base and write a ``dtype`` HF folder (``qlora merge``).
 
-    ``base`` defaults to the base saved in the adapter's run (`lora.init` changed it), else the
-    adapter's ``base_model_name_or_path``. ``adapter_dir`` may be a run folder (its ``adapter/``
+    ``base`` defaults as `adapter_base` says. ``adapter_dir`` may be a run folder (its ``adapter/``
     is merged). An unquantised base is loaded in ``dtype`` (the original weights); a bitsandbytes
     4-bit base is dequantised. Tokenizer files saved with the adapter replace the base's; its
     prompt style and its run's recipe go with the merged folder, so ``qlora eval`` and ``generate``
@@ -161,7 +190,6 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     before anything is written.
     """
     from qlora.adapters.peft_format import load_adapter, read_adapter_weights
-    from qlora.adapters.spec import read_peft_config
     from qlora.dtypes import hf_name, short_name
     from qlora.hf.export import write_model_folder
     from qlora.hf.files import copy_tokenizer_files
@@ -170,14 +198,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     from qlora.data.prompt_style import STYLE_FILE
     from qlora.io import atomic_folder
     from qlora.outputs import check_destination, provenance, write_provenance
-    from qlora.run_dir import RECIPE, RunDir, find_recipe, saved_base
+    from qlora.run_dir import RECIPE, RunDir, find_recipe
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG_FILE).is_file() and RunDir(adapter_dir).adapter.is_dir():
         adapter_dir = RunDir(adapter_dir).adapter  # a run folder: its final adapter
-    base = base or saved_base(adapter_dir) or read_peft_config(adapter_dir).get("base_model_name_or_path")
-    if not base:
-        raise UsageError(f"{adapter_dir}: the adapter names no base_model_name_or_path; pass --base")
+    base = adapter_base(adapter_dir, base)
     inputs = [adapter_dir, *inputs, *([base] if Path(base).is_dir() else [])]
     out_dir = check_destination(out_dir, overwrite, "merged", inputs)
     read_adapter_weights(adapter_dir)  # config and tensors checked before the base loads
