@@ -43,12 +43,11 @@ from qlora.adapters.surgery import trainable_summary
 from qlora.config import RecipeConfig
 from qlora.recipe import recipe_to_dict, save_recipe
 from qlora.data.formats import prompt_of
-from qlora.data.loaders import make_dataloaders
+from qlora.data.preference import batch_units, objective_loaders
 from qlora.data.rows import Rows, load_rows
 from qlora.errors import UsageError
 from qlora.hf.folder import load_tokenizer
 from qlora.inference.generate import before_after
-from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
 from qlora.run_dir import RunDir
 from qlora.training.build import build_model, prepare_run_dir
@@ -59,6 +58,7 @@ from qlora.training.lock import clear_run_dir, run_lock
 from qlora.training.metrics import MetricsLogger
 from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
+from qlora.training.preference import objective_loss, precompute_reference, preference_metrics
 
 log = logging.getLogger("qlora")
 
@@ -111,8 +111,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.chat_template)
     # Data before the model: a bad row is reported in seconds, not after a minutes-long 7B+ load.
-    train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
-                                                        rows=rows, rank=rt.rank, world_size=rt.world_size)
+    train_loader, eval_loader, stats = objective_loaders(tokenizer, cfg.data, tc.objective, tc.micro_batch_size,
+                                                         tc.seed, rows, rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
     if eval_loader is None and (tc.keep_best or tc.early_stopping_patience):
         raise UsageError("train.keep_best / train.early_stopping_patience need held-out data: set "
@@ -130,7 +130,9 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     hooks = training_hooks(model, spec)  # per-step work of the adapter family (AdaLoRA's ranks)
     if checkpoint is not None:  # adapter weights go in before FSDP shards them
         state = load_checkpoint(checkpoint, model, rt.rank, rt.world_size)
-    loss_fn: nn.Module = CausalLMLoss(model, tc.loss_chunk_size)
+    loss_fn: nn.Module = objective_loss(cfg, model)  # CausalLMLoss, or a preference objective's
+    if scored := precompute_reference(loss_fn, [train_loader, eval_loader], rt):
+        say(f"dpo.precompute_ref: reference log-probs of {scored} examples computed")
     if rt.distributed:
         loss_fn = parallelize(loss_fn, model, tc.distributed)
     optimizer = build_optimizer(model, cfg.optim)
@@ -177,7 +179,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     while progress.step < total_steps:
         t0 = time.perf_counter()
         window = [next(batches) for _ in range(tc.grad_accum_steps)]  # micro-batches of this step
-        local = [int((b["labels"][:, 1:] != -100).sum()) for b in window]
+        local = [batch_units(b) for b in window]  # target tokens (sft), pairs / rows (preference)
         in_tokens = sum(int(b["attention_mask"].sum()) for b in window)
         global_targets, global_tokens = runtime.all_reduce_sum([sum(local), in_tokens], rt)
         scale = rt.world_size / max(global_targets, 1.0)
@@ -209,7 +211,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
                       "loss": float(loss_total) / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
                       "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
-                      "grad_norm": float(grad_norm), **hook_metrics, **({} if step_ok else {"skipped": True})}
+                      "grad_norm": float(grad_norm), **hook_metrics, **preference_metrics(loss_fn, rt, training=True),
+                      **({} if step_ok else {"skipped": True})}
             metrics.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             summary["last_loss"] = record["loss"]
