@@ -96,8 +96,8 @@ def map_columns(ds, columns: dict[str, str], label: str):
 
 def _label(spec: DatasetSpec) -> str:
     """How messages name a data set: `data file 'x.jsonl'`, `data folder 'd'`, `data set 'org/name'`."""
-    if spec.path == "chatterbot":
-        return "chatterbot"
+    if spec.path in ("chatterbot", "chatterbot-pairs"):
+        return spec.path
     path = Path(spec.path).expanduser()
     kind = "file" if path.is_file() else "folder" if path.is_dir() else "set"
     return f"data {kind} {spec.path!r}"
