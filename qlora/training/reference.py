@@ -29,6 +29,10 @@ POLICY, REFERENCE = "policy", "reference"
 
 
 def _same_base(a: str, b: str) -> bool:
+    """Whether two model names / folders are one base (built-in names as their cached folders)."""
+    from qlora.hf.embedded import builtin_folder
+
+    a, b = builtin_folder(a), builtin_folder(b)
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
