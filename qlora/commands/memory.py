@@ -40,8 +40,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    planner = plan_memory
     if args.model.endswith((".yaml", ".yml")):
-        shape, settings, note = _from_recipe(args)
+        shape, settings, note, planner = _from_recipe(args)
     else:
         if args.overrides or args.shape:
             raise UsageError(f"KEY=VALUE overrides and --model need a recipe (.yaml), not MODEL {args.model!r}")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             quant_type=options["quant"], blocksize=options["blocksize"], double_quant=options["double_quant"],
             attention=options["attention"], loss=options["loss"], loss_chunk=options["loss_chunk"],
             device=args.device)
-    plan = plan_memory(shape, settings)
+    plan = planner(shape, settings)
     gpu_bytes = int(args.gpu_gb * GIB)
     if note:
         print(f"{args.model}: {note}")
@@ -66,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _from_recipe(args: argparse.Namespace):
-    """(shape, settings, note) for `qlora memory RECIPE`: the recipe's own settings, nothing else."""
+    """(shape, settings, note, planner) for `qlora memory RECIPE`: the recipe's own settings, nothing
+    else; a preference objective's planner counts its rows and reference pass (qlora.memory.preference)."""
     from qlora.memory.from_recipe import recipe_shape, settings_from_recipe
+    from qlora.memory.preference import planner_for
     from qlora.recipe import load_recipe
 
     given = [flag for flag, kwargs in PLAN_OPTIONS.items() if getattr(args, _dest(flag, kwargs)) is not None]
@@ -80,7 +83,8 @@ def _from_recipe(args: argparse.Namespace):
     else:
         shape, note = recipe_shape(recipe)
     settings = settings_from_recipe(recipe, device=args.device)
-    return shape, settings, f"{note}\n{_describe(recipe, settings)}"
+    objective = "" if recipe.train.objective == "sft" else f", objective {recipe.train.objective}"
+    return shape, settings, f"{note}\n{_describe(recipe, settings)}{objective}", planner_for(recipe)
 
 
 def _describe(recipe, s: PlanSettings) -> str:
