@@ -28,12 +28,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tool
+from bench_train import run_child  # noqa: E402
 
 MB = 1024 ** 2
 
@@ -132,15 +134,6 @@ def child(which: str, args: argparse.Namespace) -> dict:
     return {"stack": which, "steps": steps, "rss_anon_after_imports": baseline, "peak_rss_anon_train": peak}
 
 
-def run_child(which: str, argv: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--child", which], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{which} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def summarise(result: dict) -> dict:
     timed = result["steps"][1:] or result["steps"]
     return {"median_step_s": statistics.median(s["seconds"] for s in timed),
@@ -166,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for which in ("ours", "peer"):
         print(f"{which}: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-        summary[which] = summarise(run_child(which, passed))
+        summary[which] = summarise(run_child(which, passed, __file__))
     ours, peer = summary["ours"], summary["peer"]
     print(f"{'':<36}{'ours':>10}{'TRL':>10}  ratio")
     print(f"{'median step, steps 2..N (s)':<36}{ours['median_step_s']:>10.2f}{peer['median_step_s']:>10.2f}  "
