@@ -51,6 +51,13 @@ def test_dpo_through_the_cli(tmp_path, offline):
     assert "reward accuracy" in result.stderr + result.stdout
     assert "held-out reward accuracy:" in result.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # `qlora eval RUN` scores the held-out pairs as the run's last evaluation did
+    result = run_cli("eval", str(tmp_path / "run"), "--json", str(tmp_path / "eval.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+    assert again["eval_rewards/accuracies"] == evals[-1]["eval_rewards/accuracies"]
+    assert "reward accuracy" in result.stdout
 
 
 def test_precomputed_reference_gives_the_same_run(tmp_path, offline):

@@ -24,12 +24,13 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qlora import runtime
-    from qlora.data import make_dataloaders
+    from qlora.data.preference import objective_loaders
+    from qlora.data.rows import load_rows
     from qlora.errors import UsageError
     from qlora.inference.target import load_for_inference, resolve_target
     from qlora.io import write_json_atomic
-    from qlora.nn.loss import CausalLMLoss
     from qlora.inference.evaluate import evaluate
+    from qlora.training.preference import describe, eval_loss_for, preference_metrics
 
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError(f"--max-batches must be >= 1, got {args.max_batches}")
@@ -37,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = target.cfg
     rt = runtime.setup(cfg.train.device, cfg.model.dtype, cfg.train.threads)
     model, tokenizer, adapters = load_for_inference(target, rt.device)
-    train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, cfg.train.micro_batch_size,
-                                                        cfg.train.seed)
+    rows = load_rows(cfg.data)
+    train_loader, eval_loader, stats = objective_loaders(tokenizer, cfg.data, cfg.train.objective,
+                                                         cfg.train.micro_batch_size, cfg.train.seed, rows)
     loader = eval_loader if args.split == "eval" else train_loader
     if loader is None:
         raise UsageError("the recipe holds out no eval rows (data.eval_size / eval_fraction); use --split train")
@@ -46,12 +48,13 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for name in list(target.adapters) or [None]:
         adapters.set_adapter(name)
-        result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, max_batches)
+        loss_fn = eval_loss_for(cfg, model, adapters)  # the objective's loss (a preference one: its reference)
+        result = {**evaluate(loss_fn, loader, rt, max_batches), **preference_metrics(loss_fn, rt, training=False)}
         folder = str(target.adapters[name]) if name else None
         result.update(model=cfg.model.name_or_path, adapter=folder, split=args.split, dataset=cfg.data.dataset)
         print(f"{cfg.model.name_or_path}{' + ' + folder if folder else ''} on "
               f"{cfg.data.dataset} ({args.split}, {result['eval_tokens']} tokens): "
-              f"loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.3f}", flush=True)
+              f"loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.3f}{describe(result)}", flush=True)
         results.append(result)
     if args.json:
         write_json_atomic(args.json, results[0] if len(results) == 1 else {"results": results})

@@ -33,7 +33,7 @@ from qlora.config import RecipeConfig
 from qlora.config_preference import PreferenceConfig
 from qlora.nn.loss import CausalLMLoss
 from qlora.nn.preference_loss import Scored, dpo_loss, kto_loss, orpo_loss
-from qlora.training.reference import reference_for
+from qlora.training.reference import reference_for, serving_reference
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected")
@@ -158,6 +158,15 @@ def objective_loss(cfg: RecipeConfig, model: nn.Module) -> nn.Module:
     needs_reference = cfg.dpo.uses_reference(objective)
     reference = reference_for(model, cfg.model.adapter if needs_reference else None, cfg.lora.spec())
     return PreferenceLoss(model, objective, cfg.dpo, reference, cfg.train.loss_chunk_size)
+
+
+def eval_loss_for(cfg: RecipeConfig, model: nn.Module, adapters) -> nn.Module:
+    """`qlora eval`'s loss for a model served by an `AdapterSet`: the objective's, and a preference
+    objective's reference is the run's model.adapter (loaded frozen) or the base."""
+    if cfg.train.objective == "sft":
+        return CausalLMLoss(model, cfg.train.loss_chunk_size)
+    reference = serving_reference(adapters, cfg.model.adapter if cfg.dpo.uses_reference(cfg.train.objective) else None)
+    return PreferenceLoss(model, cfg.train.objective, cfg.dpo, reference, cfg.train.loss_chunk_size)
 
 
 @torch.no_grad()

@@ -89,3 +89,21 @@ def reference_for(model: nn.Module, adapter: str | None, spec: LoraSpec):
     if adapter is None:
         return lambda: adapters_off(model)
     return FrozenAdapterReference(model, adapter, spec)
+
+
+def serving_reference(adapters: AdapterSet, start: str | None):
+    """The reference of a run served by an `AdapterSet` (`qlora eval`): `start` (its model.adapter)
+    loaded as a frozen adapter, else the base; inside the block the active adapter is switched off."""
+    if start is not None and REFERENCE not in adapters.adapters:
+        adapters.load_adapter(start, REFERENCE)
+
+    @contextlib.contextmanager
+    def reference() -> Iterator[None]:
+        active = adapters.active
+        adapters.set_adapter(REFERENCE if start is not None else None)
+        try:
+            yield
+        finally:
+            adapters.set_adapter(active)
+
+    return reference
