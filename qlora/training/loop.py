@@ -8,7 +8,8 @@ Gradient accumulation is normalised by tokens: each optimiser step sums the toke
 its micro-batches (on all processes) and divides by the total number of target tokens, so the
 gradient is that of the mean token loss over the step whatever the padding or row lengths, and a
 2-process run equals a 1-process run with the same global batch. DDP averages gradients over
-processes, so each process scales its sum by world_size / global_tokens.
+processes, so each process scales its sum by world_size / global_tokens. Preference objectives
+(`train.objective`, `qlora.training.preference`) normalise the same way by pairs (KTO: rows).
 
 Resume (`resume=True`) reloads the newest checkpoint of the run folder: adapter weights, optimiser
 and scheduler states, RNG states and the sampler position, so the continued run takes the same
