@@ -117,3 +117,19 @@ def test_bad_preference_input_exits_2_and_writes_nothing(tmp_path, offline):
         assert re.search(words, result.stderr), (name, result.stderr[-500:])
         assert not (tmp_path / recipe["output"]["dir"]).exists() or not any(
             (tmp_path / recipe["output"]["dir"]).iterdir())
+
+
+def test_plot_draws_the_reward_panel(tmp_path):
+    from qlora.reports.plot import loss_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": 0.7 - 0.01 * s, "lr": 1e-4, "tokens": 100 * s, "rewards/accuracies": 0.5 + 0.1 * s,
+                "rewards/margins": 0.01 * s} for s in (1, 2, 3)]
+    records.append({"step": 3, "eval_loss": 0.6, "eval_rewards/accuracies": 0.8, "eval_rewards/margins": 0.05})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = loss_figure(run)
+    panel = fig.axes[3]
+    assert panel.get_title() == "rewards (chosen vs rejected)"
+    assert [line.get_label() for line in panel.get_lines()][:4] == ["train accuracy", "train margin", "eval accuracy",
+                                                                    "eval margin"]

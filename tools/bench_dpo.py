@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args)))
         return 0
-    passed = [a for a in argv if not a.startswith("--json")]
+    passed = [f"--model={args.model}", f"--steps={args.steps}", f"--pairs={args.pairs}", f"--length={args.length}"]
     summary = {}
     for which in ("ours", "peer"):
         print(f"{which}: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
