@@ -50,7 +50,7 @@ def base(tmp_path_factory):
     return save_tiny("llama", tmp_path_factory.mktemp("pref") / "base")
 
 
-def _ours(base, adapter=None):
+def _ours(base):
     torch.manual_seed(0)
     model = load_model(base, quant=None, dtype=torch.float32)
     apply_lora(model, SPEC)
@@ -74,16 +74,12 @@ def _perturb(theirs, seed: int = 5) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _grads(model, peft_model=False) -> dict[str, torch.Tensor]:
+def _grads(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
             out[name.replace("base_model.model.", "").replace(".default", "")] = p.grad
     return out
-
-
-def _tokenizer(tok):
-    return tok
 
 
 def _trl_model(base):
@@ -120,7 +116,7 @@ def _compare(ours_model, theirs, ours_loss, their_loss, metrics, their_metrics, 
         assert metrics[name] == pytest.approx(float(their_metrics[name]), rel=1e-4, abs=1e-6), name
 
 
-def _peft_trainer(base, tmp_path, cls, args, tok, peft_model=None):
+def _peft_trainer(base, cls, args, tok, peft_model=None):
     theirs = peft_model
     kwargs = {} if theirs is not None else {"peft_config": peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                                             target_modules="all-linear")}
@@ -136,7 +132,7 @@ def test_dpo_equals_trl(base, tmp_path, tok, offline, loss_type):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type=[loss_type], beta=0.3)
-    trainer = _peft_trainer(base, tmp_path, DPOTrainer, args, tok)
+    trainer = _peft_trainer(base, DPOTrainer, args, tok)
     _perturb(trainer.model)
     ours = _ours(base)
     _copy_from_peft(ours, trainer.model)
@@ -162,7 +158,7 @@ def test_dpo_with_a_reference_adapter_equals_trl(base, tmp_path, tok, offline):
     save_adapter(start, tmp_path / "sft", SPEC, str(base))
     theirs = peft.PeftModel.from_pretrained(_trl_model(base), tmp_path / "sft", is_trainable=True)
     args = DPOConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, beta=0.2)
-    trainer = _peft_trainer(base, tmp_path, DPOTrainer, args, tok, peft_model=theirs)
+    trainer = _peft_trainer(base, DPOTrainer, args, tok, peft_model=theirs)
     _perturb(trainer.model)  # the policy moves away from its frozen start
     ours = _ours(base)
     _copy_from_peft(ours, trainer.model)
@@ -200,7 +196,7 @@ def test_reference_free_losses_equal_trl(base, tmp_path, tok, offline, objective
 
         extra, cfg = {"beta": 0.25}, PreferenceConfig(beta=0.25)
     args = Config(output_dir=str(tmp_path), report_to=[], use_cpu=True, **extra)
-    trainer = _peft_trainer(base, tmp_path, Trainer, args, tok)
+    trainer = _peft_trainer(base, Trainer, args, tok)
     _perturb(trainer.model)
     ours = _ours(base)
     _copy_from_peft(ours, trainer.model)
