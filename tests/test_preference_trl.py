@@ -19,8 +19,8 @@ from qlora.adapters.surgery import apply_lora
 from qlora.config_preference import PreferenceConfig
 from qlora.data.preference import collate_preference
 from qlora.hf.load import load_model
-from qlora.training.preference import PreferenceLoss
-from qlora.training.reference import reference_for
+from qlora.preference import PreferenceLoss
+from qlora.adapters.reference import reference_for
 from tiny_models import save_tiny
 
 trl = pytest.importorskip("trl")

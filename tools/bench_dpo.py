@@ -9,7 +9,7 @@ no gradient checkpointing, DPO sigmoid beta 0.1, and the same `--steps` batches 
 pairs: seeded random prompts of length/2 tokens and chosen / rejected completions of length/2
 tokens, so every row is `--length` tokens (no padding; both stacks score the same completion tokens).
 
-    ours  `qlora.training.build.build_model` + `qlora.training.preference.PreferenceLoss` (reference:
+    ours  `qlora.training.build.build_model` + `qlora.preference.PreferenceLoss` (reference:
           the base with the adapters off; chunked log-probs) + the recipe's paged 8-bit AdamW
     peer  `AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
           quant, bf16))` given to `trl.DPOTrainer(peft_config=LoraConfig(...))` (TRL prepares the
@@ -58,8 +58,8 @@ def _ours(folder: str):
     from qlora.recipe import recipe_from_dict
     from qlora.training.build import build_model
     from qlora.training.optim import build_optimizer
-    from qlora.training.preference import PreferenceLoss
-    from qlora.training.reference import adapters_off
+    from qlora.preference import PreferenceLoss
+    from qlora.adapters.reference import adapters_off
 
     cfg = recipe_from_dict({"model": {"name_or_path": folder}, "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
                             "train": {"gradient_checkpointing": False, "device": "cpu"}})

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from qlora.inference.target import load_for_inference, resolve_target
     from qlora.io import write_json_atomic
     from qlora.inference.evaluate import evaluate
-    from qlora.training.preference import describe, eval_loss_for, preference_metrics
+    from qlora.preference import describe, eval_loss_for, preference_metrics
 
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError(f"--max-batches must be >= 1, got {args.max_batches}")

@@ -3,7 +3,7 @@
 A micro-batch of b pairs is one forward of 2b rows (chosen and rejected, padded to one length) with
 grad, so its saved activations, logits chunks and gradients are those of a supervised step of
 micro-batch 2b (`plan_memory`); KTO runs its b rows. Besides, with the policy's activations saved,
-`qlora.training.preference.PreferenceLoss` runs forwards without grad:
+`qlora.preference.PreferenceLoss` runs forwards without grad:
 
     reference    the same rows with the adapters off / the frozen adapter (DPO, KTO), unless
                  dpo.precompute_ref (then none during the step) or the objective is reference-free

@@ -39,7 +39,7 @@ from qlora.inference.evaluate import evaluate
 from qlora.inference.generate import generate
 from qlora.io import atomic_folder, write_json_atomic
 from qlora.training.metrics import MetricsLogger
-from qlora.training.preference import describe, preference_metrics
+from qlora.preference import describe, preference_metrics
 
 log = logging.getLogger("qlora")
 BEST = "best"

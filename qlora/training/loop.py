@@ -9,7 +9,7 @@ its micro-batches (on all processes) and divides by the total number of target t
 gradient is that of the mean token loss over the step whatever the padding or row lengths, and a
 2-process run equals a 1-process run with the same global batch. DDP averages gradients over
 processes, so each process scales its sum by world_size / global_tokens. Preference objectives
-(`train.objective`, `qlora.training.preference`) normalise the same way by pairs (KTO: rows).
+(`train.objective`, `qlora.preference`) normalise the same way by pairs (KTO: rows).
 
 Resume (`resume=True`) reloads the newest checkpoint of the run folder: adapter weights, optimiser
 and scheduler states, RNG states and the sampler position, so the continued run takes the same
@@ -59,7 +59,7 @@ from qlora.training.lock import clear_run_dir, run_lock
 from qlora.training.metrics import MetricsLogger
 from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
-from qlora.training.preference import objective_loss, precompute_reference, preference_metrics
+from qlora.preference import objective_loss, precompute_reference, preference_metrics
 
 log = logging.getLogger("qlora")
 

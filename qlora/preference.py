@@ -33,7 +33,7 @@ from qlora.config import RecipeConfig
 from qlora.config_preference import PreferenceConfig
 from qlora.nn.loss import CausalLMLoss
 from qlora.nn.preference_loss import Scored, dpo_loss, kto_loss, orpo_loss
-from qlora.training.reference import reference_for, serving_reference
+from qlora.adapters.reference import reference_for, serving_reference
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected")
@@ -47,7 +47,7 @@ class PreferenceLoss(nn.Module):
         objective: `dpo`, `orpo` or `kto`.
         cfg: the recipe's `dpo` section.
         reference: a zero-argument context-manager factory inside which `model` is the reference
-            (`qlora.training.reference.reference_for`); unused by simpo / orpo.
+            (`qlora.adapters.reference.reference_for`); unused by simpo / orpo.
         chunk_size: target tokens per log-prob chunk (`train.loss_chunk_size`).
     """
 
