@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def _peer(folder: str, tokenizer):
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qc, dtype=torch.bfloat16, device_map="cpu")
-    args = DPOConfig(output_dir="/tmp/bench-dpo-trl", report_to=[], use_cpu=True, beta=0.1, bf16=True,
+    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-dpo-trl-"), report_to=[], use_cpu=True, beta=0.1, bf16=True,
                      gradient_checkpointing=False)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     dummy = datasets.Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}] * 2)
