@@ -60,12 +60,12 @@ def _ours(folder: str):
     from qlora.training.build import build_model
     from qlora.training.optim import build_optimizer
     from qlora.preference import PreferenceLoss
-    from qlora.adapters.reference import adapters_off
+    from qlora.inference.generate import adapters_disabled
 
     cfg = recipe_from_dict({"model": {"name_or_path": folder}, "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
                             "train": {"gradient_checkpointing": False, "device": "cpu"}})
     model = build_model(cfg, runtime.setup("cpu", "bf16", None))
-    loss_fn = PreferenceLoss(model, "dpo", PreferenceConfig(beta=0.1), lambda: adapters_off(model))
+    loss_fn = PreferenceLoss(model, "dpo", PreferenceConfig(beta=0.1), lambda: adapters_disabled(model))
     optimizer = build_optimizer(model, cfg.optim)
 
     def step(examples: list[dict]) -> torch.Tensor:

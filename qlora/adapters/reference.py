@@ -1,7 +1,7 @@
 """The reference policy of preference tuning, with no second copy of the model.
 
     no model.adapter    the reference is the 4-bit base with every adapter layer switched off
-                        (`adapters_off`: one flag per layer, the base weights are shared)
+                        (`qlora.inference.generate.adapters_disabled`: one flag per layer, the base weights are shared)
     model.adapter: DIR  the policy starts as a trainable copy of DIR's adapter (`start_from_adapter`)
                         and the reference is DIR's adapter, frozen, on the same layers: an
                         `AdapterSet` holds both and a switch is a pointer swap (no copy of the base,
@@ -23,7 +23,7 @@ from qlora.adapters.multi import AdapterSet
 from qlora.adapters.peft_format import WEIGHTS_FILE, load_adapter_weights, read_adapter_weights
 from qlora.adapters.spec import LoraSpec, read_peft_config
 from qlora.errors import UsageError
-from qlora.nn.adapter import adapter_layers
+from qlora.inference.generate import adapters_disabled
 
 POLICY, REFERENCE = "policy", "reference"
 
@@ -53,19 +53,6 @@ def start_from_adapter(model: nn.Module, adapter: str, name_or_path: str, adalor
     load_adapter_weights(model, read_adapter_weights(adapter, as_lora=not adalora), Path(adapter) / WEIGHTS_FILE)
 
 
-@contextlib.contextmanager
-def adapters_off(model: nn.Module) -> Iterator[None]:
-    """The base model alone inside the block (every enabled adapter layer disabled, then enabled)."""
-    layers = [layer for layer in adapter_layers(model).values() if not layer.disabled]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.disabled = False
-
-
 class FrozenAdapterReference:
     """The reference is a frozen copy of the adapter folder `adapter` on the policy's own layers."""
 
@@ -87,7 +74,7 @@ class FrozenAdapterReference:
 def reference_for(model: nn.Module, adapter: str | None, spec: LoraSpec):
     """A zero-argument context-manager factory: inside it the model computes the reference policy."""
     if adapter is None:
-        return lambda: adapters_off(model)
+        return lambda: adapters_disabled(model)
     return FrozenAdapterReference(model, adapter, spec)
 
 
