@@ -19,8 +19,10 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Weights per absmax block."""
 QUANT_STORAGE = ("uint8", "bf16")
 
-DATA_FORMATS = ("auto", "alpaca", "input-output", "prompt-completion", "chat", "sharegpt", "text")
-"""Row layouts of training data (`qlora.data.formats`); `auto` picks one by the columns present."""
+DATA_FORMATS = ("auto", "alpaca", "input-output", "prompt-completion", "chat", "sharegpt", "text", "preference",
+                "unpaired-preference")
+"""Row layouts of training data (`qlora.data.formats`, the preference ones in
+`qlora.data.preference_rows`); `auto` picks one by the columns present."""
 LORA_INITS = ("default", "loftq", "pissa")  # adapter initialisation (qlora.adapters.init)
 """What the packed 4-bit bytes are viewed as (bf16 lets FSDP shard them beside bf16 parameters)."""
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal, Optional, Union
 
 from qlora import choices
 from qlora.config_data import DataConfig
+from qlora.config_preference import OBJECTIVES, PreferenceConfig, check_recipe
 from qlora.errors import UsageError
 from qlora.typecheck import Section
 
@@ -52,6 +53,10 @@ class ModelConfig(Section):
     """Compute dtype of the frozen base model (activations, dequantised weights)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
+    adapter: Optional[str] = None
+    """Start from this PEFT LoRA adapter folder (e.g. an SFT run's `adapter/`): the run trains a copy
+    (lora.r / alpha / targets must describe it). With a preference objective the frozen original is
+    the reference policy. Null: fresh adapters, and the base alone is the reference."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -286,6 +291,11 @@ class TrainConfig(Section):
     """Held-out prompts answered greedily at each evaluation (printed, and in its metrics record)."""
     eval_sample_tokens: int = 32
     """New tokens per answer of eval_samples (each is one forward pass)."""
+    objective: Literal[OBJECTIVES] = "sft"
+    """`sft` (next-token loss on the responses), or preference tuning on preference rows: `dpo`
+    (dpo.loss_type sigmoid / ipo / hinge / simpo), `orpo` (NLL + odds ratio, reference-free) or `kto`
+    (unpaired rows). Settings in the `dpo` section; the reference is the base with the adapters off
+    (or model.adapter, frozen)."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -337,6 +347,7 @@ SECTIONS: dict[str, type[Section]] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "output": OutputConfig,
+    "dpo": PreferenceConfig,
 }
 
 
@@ -351,8 +362,10 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def __post_init__(self) -> None:
+        check_recipe(self)
         if self.train.distributed == "fsdp" and self.quant.enabled and self.quant.quant_storage != "bf16":
             raise UsageError(f"quant.quant_storage: {self.quant.quant_storage!r} is not allowed with "
                              "train.distributed 'fsdp'; expected 'bf16' (FSDP shards parameters of one dtype)")

@@ -57,7 +57,8 @@ class DataConfig(Section):
     section: ClassVar[str] = "data"
 
     dataset: str = "chatterbot"
-    """`chatterbot` (built-in English conversations of the chatterbot-corpus package), a local
+    """`chatterbot` (built-in English conversations of the chatterbot-corpus package),
+    `chatterbot-pairs` (preference pairs built from them: qlora.data.pairs), a local
     .json/.jsonl/.csv/.parquet file, a `datasets.save_to_disk` folder, a folder of data files, or a
     hub data set id (only when the hub is reachable). Ignored when `datasets` is set."""
     datasets: Optional[list[dict]] = None

@@ -452,6 +452,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_cli_plans_each_shipped_recipe_as_the_trainer_runs_it(recipe, tmp_path, capsys):
     from qlora.memory.from_recipe import recipe_shape, settings_from_recipe
+    from qlora.memory.preference import planner_for
     from qlora.recipe import load_recipe
 
     out = tmp_path / "plan.json"
@@ -459,12 +460,12 @@ def test_cli_plans_each_shipped_recipe_as_the_trainer_runs_it(recipe, tmp_path, 
     printed = capsys.readouterr().out
     cfg = load_recipe(recipe)
     settings = settings_from_recipe(cfg, device="cuda" if cfg.train.device == "auto" else cfg.train.device)
-    expected = plan_memory(recipe_shape(cfg)[0], settings)
+    expected = planner_for(cfg)(recipe_shape(cfg)[0], settings)  # plan_memory, or a preference step's
     data = json.loads(out.read_text())
     assert data["total_bytes"] == expected.total_bytes
     assert data["settings"]["loss"] == ("chunked" if cfg.train.loss_chunk_size else "full") == settings.loss
     assert (data["settings"]["lora_r"], data["settings"]["micro_batch"], data["settings"]["optimizer"]) == \
-        (cfg.lora.r, cfg.train.micro_batch_size, cfg.optim.name)
+        (cfg.lora.r, expected.settings.micro_batch, cfg.optim.name)
     assert data["settings"]["grad_checkpointing"] == cfg.train.gradient_checkpointing
     assert "as `qlora train` runs it" in printed and f"{expected.total_bytes:,}" in printed
 

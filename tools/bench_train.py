@@ -235,9 +235,10 @@ def child(which: str, args: argparse.Namespace) -> dict:
             "peak_rss_anon_train": peaks["train"], "rss_samples": len(sampler.samples)}
 
 
-def run_child(which: str, argv: list[str]) -> dict:
+def run_child(which: str, argv: list[str], script: str = __file__) -> dict:
+    """`script argv --child which` in a fresh process (offline); its last stdout line as JSON."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--child", which], env=env,
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), *argv, "--child", which], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{which} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -115,6 +115,20 @@ class AdapterSet:
             fqn: self._parameters(fqn, lora_A, lora_B, Path(path)) for fqn, (lora_A, lora_B) in pairs.items()})
         return list(pairs)
 
+    def adopt(self, name: str, spec: LoraSpec) -> list[str]:
+        """Register the model's own `LoRALinear` layers (e.g. the ones being trained) as adapter `name`:
+        their current A and B, not copied, so switching back to `name` restores the very parameters
+        an optimiser holds. Adapters loaded afterwards share these layers."""
+        if name in self.adapters:
+            raise UsageError(f"an adapter named {name!r} is already loaded (from {self.adapters[name].path})")
+        layers = {fqn: m for fqn, m in self.model.named_modules() if type(m) is LoRALinear and fqn not in self._layers}
+        for fqn, layer in layers.items():
+            self._layers[fqn], self._slots[fqn] = layer, _slots(layer)
+        self.adapters[name] = LoadedAdapter(spec, Path("<model>"), {
+            fqn: (layer.lora_A.weight, layer.lora_B.weight) for fqn, layer in layers.items()})
+        self.active = name
+        return list(layers)
+
     def unload(self, name: str) -> None:
         """Forget adapter `name` (deactivating it first) and unwrap modules no adapter needs."""
         self._check_name(name)

@@ -25,13 +25,14 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qlora import runtime
-    from qlora.data import make_dataloaders
+    from qlora.data.preference import objective_loaders
+    from qlora.data.rows import load_rows
     from qlora.errors import UsageError
     from qlora.inference.target import load_for_inference, resolve_target
     from qlora.io import write_json_atomic
-    from qlora.nn.loss import CausalLMLoss
     from qlora.display import EvalProgress
     from qlora.inference.evaluate import evaluate
+    from qlora.preference import describe, eval_loss_for, preference_metrics
 
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError(f"--max-batches must be >= 1, got {args.max_batches}")
@@ -40,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     rt = runtime.setup(cfg.train.device, cfg.model.dtype, cfg.train.threads)
     model, tokenizer, adapters = load_for_inference(target, rt.device)
     print(target.describe(model), file=sys.stderr, flush=True)
-    train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, cfg.train.micro_batch_size,
-                                                        cfg.train.seed)
+    rows = load_rows(cfg.data)
+    train_loader, eval_loader, stats = objective_loaders(tokenizer, cfg.data, cfg.train.objective,
+                                                         cfg.train.micro_batch_size, cfg.train.seed, rows)
     loader = eval_loader if args.split == "eval" else train_loader
     if loader is None:
         raise UsageError("the recipe holds out no eval rows (data.eval_size / eval_fraction); use --split train")
@@ -50,14 +52,16 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for name in list(target.adapters) or [None]:
         adapters.set_adapter(name)
+        loss_fn = eval_loss_for(cfg, model, adapters)  # the objective's loss (a preference one: its reference)
         progress = EvalProgress(min(len(loader), max_batches or len(loader)), f"eval {name}" if name else "eval")
-        result = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), loader, rt, max_batches, progress)
+        result = {**evaluate(loss_fn, loader, rt, max_batches, progress),
+                  **preference_metrics(loss_fn, rt, training=False)}
         progress.close()
         folder = str(target.adapters[name]) if name else None
         result.update(model=cfg.model.name_or_path, adapter=folder, split=args.split, dataset=cfg.data.dataset)
         print(f"{cfg.model.name_or_path}{' + ' + folder if folder else ''} on "
               f"{cfg.data.dataset} ({args.split}, {result['eval_tokens']} tokens): "
-              f"loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.3f}", flush=True)
+              f"loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.3f}{describe(result)}", flush=True)
         results.append(result)
     if args.json:
         write_json_atomic(args.json, results[0] if len(results) == 1 else {"results": results})

@@ -49,8 +49,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    planner = plan_memory
     if args.model.endswith((".yaml", ".yml")):
-        shape, settings, note = _from_recipe(args)
+        shape, settings, note, planner = _from_recipe(args)
     else:
         args.gpu_given = args.gpu_gb is not None
         args.device, args.gpu_gb = args.device or "cuda", args.gpu_gb or DEFAULT_GPU_GB
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             quant_type=options["quant"], blocksize=options["blocksize"], double_quant=options["double_quant"],
             attention=options["attention"], loss=options["loss"], loss_chunk=options["loss_chunk"],
             offload_activations=options["offload"], device=args.device)
-    plan = plan_memory(shape, settings)
+    plan = planner(shape, settings)
     gpu_bytes = int(args.gpu_gb * GIB)
     if note:
         print(f"{args.model}: {note}")
@@ -86,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _from_recipe(args: argparse.Namespace):
-    """(shape, settings, note) for `qlora memory RECIPE`: the recipe's own settings, nothing else."""
+    """(shape, settings, note, planner) for `qlora memory RECIPE`: the recipe's own settings, nothing
+    else; a preference objective's planner counts its rows and reference pass (qlora.memory.preference)."""
     from qlora.memory.from_recipe import recipe_shape, settings_from_recipe
+    from qlora.memory.preference import planner_for
     from qlora.recipe import load_recipe
 
     given = [flag for flag, kwargs in PLAN_OPTIONS.items() if getattr(args, _dest(flag, kwargs)) is not None]
@@ -101,7 +104,8 @@ def _from_recipe(args: argparse.Namespace):
         shape, note = recipe_shape(recipe)
     budget = _recipe_budget(args, recipe)
     settings = settings_from_recipe(recipe, device=args.device)
-    return shape, settings, f"{note}\n{budget}\n{_describe(recipe, settings)}"
+    objective = "" if recipe.train.objective == "sft" else f", objective {recipe.train.objective}"
+    return shape, settings, f"{note}\n{budget}\n{_describe(recipe, settings)}{objective}", planner_for(recipe)
 
 
 DEFAULT_GPU_GB = 48.0

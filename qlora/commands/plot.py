@@ -1,7 +1,8 @@
 """`qlora plot RUN_DIR`: loss curves of a training run as a PNG.
 
 Reads RUN_DIR/metrics.jsonl (written by `qlora train`) and draws train loss against optimiser step
-(eval loss on top) and against tokens seen, and the learning rate. Needs matplotlib
+(eval loss on top) and against tokens seen, and the learning rate; for a preference run also the
+reward accuracy and margins (train and held-out). Needs matplotlib
 (`pip install -e '.[plot]'`).
 """
 

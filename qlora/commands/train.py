@@ -47,6 +47,11 @@ def print_summary(summary: dict) -> None:
               f"perplexity: {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f}")
     elif after:
         print(f"eval loss: {after['eval_loss']:.4f}   perplexity: {after['eval_ppl']:.2f}")
+    if after and "eval_rewards/accuracies" in after:  # a preference objective (TRL's metric names)
+        was = f"{before['eval_rewards/accuracies']:.3f} -> " if before else ""
+        margin = f"{before['eval_rewards/margins']:.4f} -> " if before else ""
+        print(f"held-out reward accuracy: {was}{after['eval_rewards/accuracies']:.3f}   "
+              f"margin: {margin}{after['eval_rewards/margins']:.4f}")
     stopped = summary.get("stopped_early_at")
     steps = f"{stopped} of {summary['total_steps']} steps (early stopping)" if stopped else f"{summary['total_steps']} steps"
     best = summary.get("best")

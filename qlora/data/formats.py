@@ -34,10 +34,11 @@ from typing import Any, Sequence
 
 from qlora.errors import UsageError
 
-FORMAT_COLUMNS = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+FORMAT_COLUMNS = {"preference": ("chosen", "rejected"), "unpaired-preference": ("prompt", "completion", "label"),
+                  "chat": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
                   "prompt-completion": ("prompt", "completion"), "input-output": ("input", "output"),
                   "text": ("text",)}  # auto tries in this order
-OPTIONAL_COLUMNS = {"alpaca": ("input",)}
+OPTIONAL_COLUMNS = {"alpaca": ("input",), "preference": ("prompt",)}  # preference rows: qlora.data.preference_rows
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "

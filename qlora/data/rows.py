@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from qlora.config_data import DataConfig, DatasetSpec
 from qlora.data.formats import BadRow, RowError, canonical, detect_format, known_columns
+from qlora.data import preference_rows
 from qlora.data.sources import load_source
 from qlora.errors import UsageError
 from qlora.hf.chat_template import is_template_file, read_template_file
@@ -64,11 +65,19 @@ def _features():
                      "skip": Value("string"), "part": Value("int64"), "row": Value("int64")})
 
 
+def _schema(fmt: str):
+    """(canonical row function, its datasets Features, a skipped row's columns) of format `fmt`."""
+    if fmt in preference_rows.PREFERENCE_FORMATS:
+        return preference_rows.canonical_preference, preference_rows.features(), preference_rows.empty_row()
+    return canonical, _features(), {"messages": [], "prompt": "", "completion": "", "query": ""}
+
+
 def _canonical_row(row: dict, index: int, *, fmt: str, part: int, label: str) -> dict:
+    to_canonical, _, empty = _schema(fmt)
     try:
-        out = {**canonical(row, fmt), "skip": ""}
+        out = {**to_canonical(row, fmt), "skip": ""}
     except BadRow as skip:
-        out = {"messages": [], "prompt": "", "completion": "", "query": "", "skip": str(skip)}
+        out = {**empty, "skip": str(skip)}
     except RowError as err:
         raise UsageError(f"{label} row {index + 1}: {err}") from None
     return {**out, "part": part, "row": index + 1}
@@ -90,8 +99,8 @@ def map_columns(ds, columns: dict[str, str], label: str):
 
 def _label(spec: DatasetSpec) -> str:
     """How messages name a data set: `data file 'x.jsonl'`, `data folder 'd'`, `data set 'org/name'`."""
-    if spec.path == "chatterbot":
-        return "chatterbot"
+    if spec.path in ("chatterbot", "chatterbot-pairs"):
+        return spec.path
     path = Path(spec.path).expanduser()
     kind = "file" if path.is_file() else "folder" if path.is_dir() else "set"
     return f"data {kind} {spec.path!r}"
@@ -117,7 +126,7 @@ def read_part(spec: DatasetSpec, part: int, cfg: DataConfig, ds=None, max_rows: 
     ds = map_columns(ds, spec.columns or {}, label)
     fmt = detect_format(ds.column_names, spec.format, label)
     return ds.map(_canonical_row, with_indices=True, fn_kwargs={"fmt": fmt, "part": part, "label": label},
-                  remove_columns=ds.column_names, features=_features(), num_proc=_procs(cfg, len(ds)),
+                  remove_columns=ds.column_names, features=_schema(fmt)[1], num_proc=_procs(cfg, len(ds)),
                   desc=f"checking {label}"), label
 
 
@@ -184,6 +193,7 @@ def load_rows(cfg: DataConfig, records: list[dict] | None = None,
         read += len(rows)
         parts.append(_good(rows, skips, label))
         labels.append(label)
+    _one_kind(parts, labels)
     if sum(len(p) for p in parts) == 0:
         reason, row = next(iter(skips.first.items()), ("no rows", 0))
         raise UsageError(f"no usable rows (e.g. {reason}, row {row})")
@@ -191,12 +201,20 @@ def load_rows(cfg: DataConfig, records: list[dict] | None = None,
         held, label = _eval_part(cfg, eval_records, len(specs))
         read += len(held)
         labels.append(label)
+        _one_kind(parts + [held], labels)
         evals = _good(held, skips, label)
         train = datasets.concatenate_datasets(parts)
         return Rows(_mixed(train, specs, cfg.seed), evals, labels, read, skips, separate_eval=True)
     whole = datasets.concatenate_datasets(parts)
     train_idx, eval_idx = split_rows(whole, cfg)
     return Rows(_mixed(whole.select(train_idx), specs, cfg.seed), whole.select(eval_idx), labels, read, skips)
+
+
+def _one_kind(parts: list, labels: list[str]) -> None:
+    """All data sets of a mixture hold the same kind of rows (supervised or preference)."""
+    kinds = {label: "preference" if "chosen" in part.column_names else "supervised" for part, label in zip(parts, labels)}
+    if len(set(kinds.values())) > 1:
+        raise UsageError(f"data.datasets mixes supervised and preference rows ({kinds}); a run trains one objective")
 
 
 def _eval_part(cfg: DataConfig, eval_records: list[dict] | None, part: int):

@@ -22,6 +22,7 @@ from qlora.data.checks import check_data_file
 from qlora.errors import UsageError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+BUILT_IN = ("chatterbot", "chatterbot-pairs")  # chatterbot-pairs: preference pairs (qlora.data.pairs)
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
@@ -65,10 +66,15 @@ def load_source(spec: DatasetSpec):
     """The rows of one data set as a `datasets.Dataset`."""
     import datasets
 
-    if spec.path == "chatterbot":  # through the cache (keyed by the corpus version), so maps are cached too
+    if spec.path in BUILT_IN:  # through the cache (keyed by the corpus version), so maps are cached too
         from importlib.metadata import version
 
+        from qlora.data.pairs import PAIRS_SEED, _pairs_generator
+
         _chatterbot_folder("english")  # a missing corpus is named here, not inside the generator
+        if spec.path == "chatterbot-pairs":
+            return datasets.Dataset.from_generator(_pairs_generator, gen_kwargs={
+                "seed": PAIRS_SEED, "corpus": version("chatterbot-corpus")})
         return datasets.Dataset.from_generator(_chatterbot_generator, gen_kwargs={
             "language": "english", "corpus": version("chatterbot-corpus")})
     path = Path(spec.path).expanduser()
@@ -81,7 +87,7 @@ def load_source(spec: DatasetSpec):
         return _load(spec, where=f"data folder {spec.path!r}")
     if _offline():
         raise UsageError(f"data set {spec.path!r} is not a local file or folder or a built-in name "
-                         "(chatterbot), and the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
+                         f"({', '.join(BUILT_IN)}), and the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
     return _load(spec, where=f"hub data set {spec.path!r}")
 
 

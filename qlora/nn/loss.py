@@ -20,6 +20,10 @@ SDPA and eager attention then get a block-diagonal causal mask (b x 1 x T x T bo
 compute dtype for eager) built once per forward. Flash attention gets varlen kwargs instead
 (`packed_attention_kwargs`: cumulative document lengths over the flattened batch), so it neither
 materialises a mask nor re-derives the documents in every layer.
+
+Preference objectives need per-sequence sums instead of one total: `sequence_logps` runs the same
+gathering and chunk loop with per-token log-probs, added into their rows (`index_add`), so DPO's
+chosen + rejected passes cost no more logit memory than the supervised loss.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _chunk_token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a transformers causal LM: forward(input_ids, attention_mask, labels) -> (loss_sum, n_tokens).
 
@@ -88,6 +96,35 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 target_positions: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        head, hidden, targets, _ = self._targets(input_ids, attention_mask, labels, target_positions, position_ids)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for chunk in self._chunks(_chunk_loss, head, hidden, targets):
+            total = total + chunk
+        if self.router_loss is not None:  # per token, as transformers adds it to its mean loss
+            total = total + self.router_loss.float() * targets.numel()
+        return total, torch.tensor(targets.numel())
+
+    def sequence_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                       target_positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                       n_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the summed log-probability of its target tokens (fp32, (b,)) and their count (b,).
+
+        The same gathering and chunking as the loss (never the full logits): each chunk's per-token
+        log-probs are added into their row with `index_add`. What preference objectives score.
+        `segments` (N,) (with `n_segments`) sends each target to another bucket than its row.
+        """
+        head, hidden, targets, positions = self._targets(input_ids, attention_mask, labels, target_positions, None)
+        rows = torch.div(positions, labels.shape[1] - 1, rounding_mode="floor") if segments is None else segments
+        n_segments = labels.shape[0] if segments is None else n_segments
+        logps = hidden.new_zeros(n_segments, dtype=torch.float32)
+        start = 0
+        for chunk in self._chunks(_chunk_token_logps, head, hidden, targets):
+            logps = logps.index_add(0, rows[start:start + chunk.numel()], chunk)
+            start += chunk.numel()
+        return logps, torch.bincount(rows, minlength=n_segments)
+
+    def _targets(self, input_ids, attention_mask, labels, target_positions, position_ids):
+        """(lm_head, hidden states of the target positions (N, H), their targets (N,), their flat positions)."""
         head = self.model.get_output_embeddings()
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         targets = labels[:, 1:].reshape(-1)  # token t predicts token t+1
@@ -95,15 +132,14 @@ class CausalLMLoss(nn.Module):
             target_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one device sync
         target_positions = target_positions.to(targets.device, non_blocking=True)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, target_positions)  # (N, H)
-        targets = targets.index_select(0, target_positions)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        size = self.chunk_size or max(targets.numel(), 1)  # 0: one chunk, no chunking
+        return head, hidden, targets.index_select(0, target_positions), target_positions
+
+    def _chunks(self, fn, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
+        """fn(head, h, y) over `chunk_size` rows at a time, each checkpointed when grads are on (0: one chunk)."""
+        size = self.chunk_size or max(targets.numel(), 1)
         for start in range(0, targets.numel(), size):
             h, y = hidden[start:start + size], targets[start:start + size]
             if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
+                yield checkpoint(fn, head, h, y, use_reentrant=False)
             else:
-                total = total + _chunk_loss(head, h, y)
-        if self.router_loss is not None:  # per token, as transformers adds it to its mean loss
-            total = total + self.router_loss.float() * targets.numel()
-        return total, torch.tensor(targets.numel())
+                yield fn(head, h, y)

@@ -71,7 +71,8 @@ def load_run_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]
 
 def plot_loss_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Train (and eval) loss against step (raw and smoothed) and against tokens seen, and the
-    learning rate, as a PNG."""
+    learning rate, as a PNG; a preference run (TRL's `rewards/*` metrics) adds its reward accuracy
+    and margins."""
     return save_figure(loss_figure(run_dir), out)
 
 
@@ -81,7 +82,11 @@ def loss_figure(run_dir: str | os.PathLike):
     plt = pyplot()
     # constrained layout keeps the suptitle above the panel titles and each y-label clear of the
     # neighbouring panel's tick labels.
-    fig, (ax_step, ax_tok, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    rewards = any("rewards/accuracies" in r for r in train) or any("eval_rewards/accuracies" in r for r in evals)
+    fig, axes = plt.subplots(1, 4 if rewards else 3, figsize=(20 if rewards else 15, 4.4), layout="constrained")
+    ax_step, ax_tok, ax_lr = axes[:3]
+    if rewards:
+        reward_panel(axes[3], train, evals)
     steps = [r["step"] for r in train]
     if train:  # the raw per-step loss, faint, under its moving average (qlora.display.ema)
         raw = [r["loss"] if r["loss"] is not None else math.nan for r in train]
@@ -104,6 +109,20 @@ def loss_figure(run_dir: str | os.PathLike):
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
     fig.suptitle(f"run {Path(run_dir).resolve().name}", fontweight="bold")
     return fig
+
+
+def reward_panel(ax, train: list[dict], evals: list[dict]) -> None:
+    """A preference run's reward accuracy (train and held-out) and margins (right axis) against step."""
+    for records, prefix, style, label in ((train, "", "-", "train"), (evals, "eval_", "o-", "eval")):
+        kept = [r for r in records if r.get(f"{prefix}rewards/accuracies") is not None]
+        if kept:
+            steps = [r["step"] for r in kept]
+            ax.plot(steps, [r[f"{prefix}rewards/accuracies"] for r in kept], style, lw=1, label=f"{label} accuracy")
+            ax.plot(steps, [r[f"{prefix}rewards/margins"] for r in kept], style, lw=1, alpha=0.6,
+                    label=f"{label} margin")
+    ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="optimiser step", ylabel="reward accuracy / margin", title="rewards (chosen vs rejected)")
+    ax.legend(fontsize=7)
 
 
 # ================================================================================ accuracy report

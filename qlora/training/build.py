@@ -21,6 +21,7 @@ from qlora.hf.load import load_base_model
 from qlora.outputs import written_kind
 from qlora.run_dir import LOCK, MARKERS, RunDir
 from qlora.training.checkpoint import latest_checkpoint
+from qlora.adapters.reference import start_from_adapter
 
 
 def build_model(cfg: RecipeConfig, rt: runtime.Runtime, saved_base: Path | None = None) -> nn.Module:
@@ -41,6 +42,8 @@ def build_model(cfg: RecipeConfig, rt: runtime.Runtime, saved_base: Path | None 
     apply_lora(model, spec)
     if init is not None:
         init.apply_factors(model)
+    if cfg.model.adapter:  # continue from an adapter (a preference run's reference: qlora.adapters.reference)
+        start_from_adapter(model, cfg.model.adapter, cfg.model.name_or_path, cfg.lora.use_adalora)
     return prepare_for_training(model, cfg.train.gradient_checkpointing)
 
 

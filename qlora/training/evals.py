@@ -39,6 +39,7 @@ from qlora.inference.evaluate import evaluate
 from qlora.inference.generate import generate
 from qlora.io import atomic_folder, write_json_atomic
 from qlora.training.metrics import MetricsLogger
+from qlora.preference import describe, preference_metrics
 
 log = logging.getLogger("qlora")
 BEST = "best"
@@ -96,7 +97,8 @@ class Evaluator:
 
     def __call__(self, step: int, when: str = "") -> dict:
         """Evaluate at optimiser `step`: log, print, sample, keep the best; returns the record."""
-        record = {"step": step, **evaluate(self.loss_fn, self.loader, self.rt, self.tc.eval_steps)}
+        record = {"step": step, **evaluate(self.loss_fn, self.loader, self.rt, self.tc.eval_steps),
+                  **preference_metrics(self.loss_fn, self.rt, training=False)}
         if self.prompts:
             record["samples"] = [{"prompt": p, "answer": generate(self.model, self.tokenizer, p,
                                                                   max_new_tokens=self.tc.eval_sample_tokens,
@@ -108,7 +110,8 @@ class Evaluator:
         self.metrics.log(record)
         self.last_step, self.last_record = step, {k: v for k, v in record.items() if k != "samples"}
         mark = " (best)" if new_best and self.tc.keep_best else ""
-        self.say(f"eval step {step}{when}: loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}{mark}")
+        self.say(f"eval step {step}{when}: loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
+                 f"{describe(record)}{mark}")
         for sample in record.get("samples", []):
             self.say(f"  > {sample['prompt']}\n    {sample['answer']}")
         return record

@@ -8,7 +8,8 @@ Gradient accumulation is normalised by tokens: each optimiser step sums the toke
 its micro-batches (on all processes) and divides by the total number of target tokens, so the
 gradient is that of the mean token loss over the step whatever the padding or row lengths, and a
 2-process run equals a 1-process run with the same global batch. DDP averages gradients over
-processes, so each process scales its sum by world_size / global_tokens.
+processes, so each process scales its sum by world_size / global_tokens. Preference objectives
+(`train.objective`, `qlora.preference`) normalise the same way by pairs (KTO: rows).
 
 Resume (`resume=True`) reloads the newest checkpoint of the run folder: adapter weights, optimiser
 and scheduler states, RNG states and the sampler position, so the continued run takes the same
@@ -45,12 +46,11 @@ from qlora.recipe import recipe_to_dict, save_recipe
 from qlora.data.prompt_style import style_of_rows
 from qlora.display import TrainDisplay
 from qlora.data.samples import sample_prompts
-from qlora.data.loaders import make_dataloaders
+from qlora.data.preference import batch_units, objective_loaders
 from qlora.data.rows import Rows, load_rows
 from qlora.errors import UsageError
 from qlora.hf.folder import load_tokenizer
 from qlora.inference.generate import before_after
-from qlora.nn.loss import CausalLMLoss
 from qlora.parallel import full_parameters, gradient_sync, parallelize, to_local
 from qlora.run_dir import RunDir, read_metrics
 from qlora.training.build import build_model, prepare_run_dir
@@ -64,6 +64,7 @@ from qlora.training.trackers import tracker_names
 from qlora.training.optim import build_optimizer, build_scheduler, clip_gradients
 from qlora.training.optim import check_available as check_optimizer
 from qlora.training.offload import activation_offload
+from qlora.preference import objective_loss, precompute_reference, preference_metrics
 
 log = logging.getLogger("qlora")
 
@@ -113,8 +114,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.chat_template)
     # Data before the model: a bad row is reported in seconds, not after a minutes-long 7B+ load.
-    train_loader, eval_loader, stats = make_dataloaders(tokenizer, cfg.data, tc.micro_batch_size, tc.seed,
-                                                        rows=rows, rank=rt.rank, world_size=rt.world_size)
+    train_loader, eval_loader, stats = objective_loaders(tokenizer, cfg.data, tc.objective, tc.micro_batch_size,
+                                                         tc.seed, rows, rank=rt.rank, world_size=rt.world_size)
     say(f"data: {stats.summary()}")
     if eval_loader is None and (tc.keep_best or tc.early_stopping_patience):
         raise UsageError("train.keep_best / train.early_stopping_patience need held-out data: set "
@@ -132,7 +133,9 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     hooks = training_hooks(model, spec)  # per-step work of the adapter family (AdaLoRA's ranks)
     if checkpoint is not None:  # adapter weights go in before FSDP shards them
         state = load_checkpoint(checkpoint, model, rt.rank, rt.world_size)
-    loss_fn: nn.Module = CausalLMLoss(model, tc.loss_chunk_size)
+    loss_fn: nn.Module = objective_loss(cfg, model)  # CausalLMLoss, or a preference objective's
+    if scored := precompute_reference(loss_fn, [train_loader, eval_loader], rt):
+        say(f"dpo.precompute_ref: reference log-probs of {scored} examples computed")
     if rt.distributed:
         loss_fn = parallelize(loss_fn, model, tc.distributed)
     optimizer = build_optimizer(model, cfg.optim)
@@ -185,7 +188,7 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
     while progress.step < total_steps and not stop.agreed:
         t0 = time.perf_counter()
         window = [next(batches) for _ in range(tc.grad_accum_steps)]  # micro-batches of this step
-        local = [b["target_positions"].numel() for b in window]  # host batches: never a device read
+        local = [batch_units(b) for b in window]  # target tokens (sft), pairs / rows (preference); host batches
         in_tokens = sum(int(b["attention_mask"].numpy().sum()) for b in window)
         global_targets, global_tokens = runtime.all_reduce_sum([sum(local), in_tokens], rt)
         scale = rt.world_size / max(global_targets, 1.0)
@@ -218,7 +221,8 @@ def _train(cfg: RecipeConfig, resume: bool, samples: int,
             record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
                       "loss": float(loss_total) / max(global_targets, 1.0), "lr": scheduler.get_last_lr()[0],
                       "tokens": progress.tokens, "step_time_s": round(dt, 4), "tokens_per_s": global_tokens / dt,
-                      "grad_norm": float(grad_norm), **hook_metrics, **({} if step_ok else {"skipped": True})}
+                      "grad_norm": float(grad_norm), **hook_metrics, **preference_metrics(loss_fn, rt, training=True),
+                      **({} if step_ok else {"skipped": True})}
             metrics.log(record)
             bar.log(record)  # smoothed loss, lr, epoch, tokens/s, ETA
             summary["last_loss"] = record["loss"]

@@ -2,7 +2,9 @@
 
 Train records (one per optimiser step): step, epoch, loss, lr, tokens (cumulative input tokens),
 step_time_s, tokens_per_s, grad_norm. Eval records: step, eval_loss, eval_ppl, eval_tokens, and
-`samples` (prompt / answer pairs) when train.eval_samples asks for them. Trackers
+`samples` (prompt / answer pairs) when train.eval_samples asks for them. Preference objectives
+add TRL's `rewards/*` and `logps/*` to both (`eval_`-prefixed in eval records;
+`qlora.preference`). Trackers
 (`output.report_to`, `qlora.training.trackers`) get each record's finite numbers.
 Only the main process writes. The file is appended to, so a resumed run continues it; records of
 the steps after the checkpoint it resumes from (the steps it redoes) are dropped first, so no step

@@ -20,7 +20,7 @@ import time
 import torch
 
 from gpucheck.common import GIB, Context, Row, gib, reset_peak, row, timed
-from gpucheck.train_sections import empty_model, optimizer_name, plan_rows, step_ours
+from gpucheck.train_sections import empty_model, plan_rows, step_ours
 
 
 def mixtral_config(smoke: bool, layers: int | None = None):
