@@ -103,16 +103,17 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     slots = top_k_index.reshape(-1)
     order = torch.argsort(slots, stable=True)  # (T*k,) slots grouped by expert
     counts = torch.bincount(slots, minlength=self.num_experts).tolist()
-    x = hidden_states[order // k]
+    # Note: one `split` (its backward is one cat); slicing per expert would make the backward
+    # allocate and add a zero gradient the size of the whole gathered batch for every expert.
+    groups = hidden_states[order // k].split(counts)
     up = expert_parameter_names(self)[0]
-    outputs, start = [], 0
-    for e, n in enumerate(counts):
-        if n == 0:
+    outputs = []
+    for e, x in enumerate(groups):
+        if x.shape[0] == 0:
             continue
-        h = _project(self, up, x[start : start + n], e, updates)
+        h = _project(self, up, x, e, updates)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
         outputs.append(_project(self, "down_proj", h, e, updates))
-        start += n
     y = torch.cat(outputs)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
