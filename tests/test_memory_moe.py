@@ -262,7 +262,7 @@ def test_recipe_with_a_moe_model_folder(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(MOE_CONFIGS["olmoe-1b-7b"]))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model:\n  name_or_path: {tmp_path / 'model'}\nlora:\n  target_parameters: [down_proj]\n")
+    recipe.write_text(f"model:\n  name_or_path: {tmp_path / 'model'}\nlora:\n  dropout: 0.0\n  target_parameters: [down_proj]\n")
     assert main(["memory", str(recipe), "--json", str(tmp_path / "p.json")]) == 0
     assert f"shape from {tmp_path / 'model' / 'config.json'}" in capsys.readouterr().out
     data = json.loads((tmp_path / "p.json").read_text())

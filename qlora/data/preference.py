@@ -106,14 +106,16 @@ def collate_preference(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor
         ref = ("ref_logps", "ref_kl_logps")
     if ref[0] in batch[0]:  # dpo.precompute_ref
         out["ref_logps"] = torch.tensor([ex[ref[0]] for ex in batch] + [ex[ref[1]] for ex in batch])
-    out["units"] = torch.tensor(len(batch))
+    out["units"] = torch.ones(len(batch), dtype=torch.int8)  # one per pair / row: counted by its shape
     return out
 
 
 def batch_units(batch: dict[str, torch.Tensor]) -> int:
     """What a step normalises by: pairs / KTO rows of a preference batch, else target tokens."""
-    if "units" in batch:
-        return int(batch["units"])
+    if "units" in batch:  # shapes only: never a read of a tensor's values
+        return batch["units"].numel()
+    if "target_positions" in batch:
+        return batch["target_positions"].numel()
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
