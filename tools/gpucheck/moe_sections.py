@@ -15,12 +15,11 @@ optimiser step; its peak `max_memory_allocated` against the plan's allocated par
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 
-from gpucheck.common import GIB, Context, Row, gib, reset_peak, row, timed
-from gpucheck.train_sections import empty_model, plan_rows, step_ours
+from gpucheck.common import Context, Row, row, timed
+from gpucheck.train_sections import empty_model, step_under_cap
 
 
 def mixtral_config(smoke: bool, layers: int | None = None):
@@ -130,23 +129,6 @@ def build_moe(config, ctx: Context, r: int):
 
 def mixtral_step(ctx: Context) -> list[Row]:
     config, seq = mixtral_config(ctx.smoke), 64 if ctx.smoke else 2048
-    if ctx.cuda:
-        total = torch.cuda.get_device_properties(ctx.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, 48 * GIB / total), ctx.device)
-    reset_peak(ctx.device)
-    try:
-        t0 = time.perf_counter()
-        model = build_moe(config, ctx, r=16)
-        built = time.perf_counter() - t0
-        result = step_ours(model, ctx, 1, seq, config.vocab_size, 1)
-    except torch.OutOfMemoryError as err:
-        return [row("moe-step", "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap", False,
-                    detail=f"out of memory: {err}")]
-    finally:
-        if ctx.cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, ctx.device)
-    rows = [row("moe-step", "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap", True, result["tokens_per_s"],
-                "tokens/s", f"built + quantised on the device in {built:.0f} s; peak {gib(result['peak_bytes'])}; "
-                f"optimiser {result['optimizer']}; {seq} tokens")]
-    return rows + plan_rows("moe-step", config, ctx, seq, 1, 16, result["optimizer"], result["peak_bytes"],
-                            lora_dropout=0.0, lora_target_parameters=("all-experts",))
+    return step_under_cap(ctx, "moe-step", "Mixtral-8x7B QLoRA step with expert LoRA under a 48 GiB cap", config,
+                          lambda: build_moe(config, ctx, r=16), seq, 16,
+                          lora_dropout=0.0, lora_target_parameters=("all-experts",))

@@ -169,23 +169,31 @@ def training_step(ctx: Context) -> list[Row]:
     return rows + plan_rows("step", config, ctx, seq, batch, 16, ours["optimizer"], ours["peak_bytes"])
 
 
-def headline_65b(ctx: Context) -> list[Row]:
-    config, seq = llama_config("65b", ctx.smoke), 64 if ctx.smoke else 512
+def step_under_cap(ctx: Context, section: str, title: str, config, build, seq: int, r: int,
+                   **plan_changes) -> list[Row]:
+    """Build a model with `build()` and run one QLoRA step under a 48 GiB cap (the budget of one
+    48 GB GPU); its rows, and the plan against the measured peak."""
     if ctx.cuda:
         total = torch.cuda.get_device_properties(ctx.device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, 48 * GIB / total), ctx.device)
     reset_peak(ctx.device)
     try:
         t0 = time.perf_counter()
-        model = build_ours(config, ctx, r=64)
+        model = build()
         built = time.perf_counter() - t0
         result = step_ours(model, ctx, 1, seq, config.vocab_size, 1)
     except torch.OutOfMemoryError as err:
-        return [row("65b", "LLaMA-65B QLoRA step under a 48 GiB cap", False, detail=f"out of memory: {err}")]
+        return [row(section, title, False, detail=f"out of memory: {err}")]
     finally:
         if ctx.cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, ctx.device)
-    rows = [row("65b", "LLaMA-65B QLoRA step under a 48 GiB cap", True, result["tokens_per_s"], "tokens/s",
+    rows = [row(section, title, True, result["tokens_per_s"], "tokens/s",
                 f"built + quantised on the device in {built:.0f} s; peak {gib(result['peak_bytes'])}; "
-                f"optimiser {result['optimizer']}")]
-    return rows + plan_rows("65b", config, ctx, seq, 1, 64, result["optimizer"], result["peak_bytes"])
+                f"optimiser {result['optimizer']}; {seq} tokens")]
+    return rows + plan_rows(section, config, ctx, seq, 1, r, result["optimizer"], result["peak_bytes"], **plan_changes)
+
+
+def headline_65b(ctx: Context) -> list[Row]:
+    config, seq = llama_config("65b", ctx.smoke), 64 if ctx.smoke else 512
+    return step_under_cap(ctx, "65b", "LLaMA-65B QLoRA step under a 48 GiB cap", config,
+                          lambda: build_ours(config, ctx, r=64), seq, 64)
