@@ -22,7 +22,7 @@ from qlora.cli import main
 from qlora.errors import UsageError
 from qlora.hf.load import load_model
 from qlora.nn.adalora import AdaLoRALinear
-from tiny_models import randomise_lora_b, save_tiny
+from tiny_models import save_tiny, saved_adapter
 
 SPEC = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj"))
 ADA = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj"),
@@ -37,10 +37,7 @@ pytestmark = pytest.mark.usefixtures("offline")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     base = save_tiny("llama", root / "base")
-    model = load_model(base, quant=None)
-    apply_lora(model, SPEC)
-    randomise_lora_b(model)
-    save_adapter(model, root / "lora", SPEC, str(base))
+    saved_adapter(base, root / "lora", SPEC)
     model = load_model(base, quant=None)
     apply_lora(model, ADA)
     with torch.no_grad():

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qlora.adapters.peft_format import save_adapter
 from qlora.adapters.spec import LoraSpec
-from qlora.adapters.surgery import apply_lora
 from qlora.cli import main
-from qlora.hf.load import load_model
 from qlora.outputs import PROVENANCE, remove_stale_temps
 from test_lock import live_pid  # noqa: F401  (a fixture)
-from tiny_models import randomise_lora_b, save_tiny
+from tiny_models import save_tiny, saved_adapter
 
 SPEC = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj"))
 
@@ -31,11 +28,8 @@ pytestmark = pytest.mark.usefixtures("offline")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("overwrite")
     base = save_tiny("llama", root / "base")
-    model = load_model(base, quant=None)
-    apply_lora(model, SPEC)
-    randomise_lora_b(model)
     run = root / "runs" / "a"
-    save_adapter(model, run / "adapter", SPEC, str(base))
+    saved_adapter(base, run / "adapter", SPEC)
     (run / "recipe.yaml").write_text(f"model:\n  name_or_path: {base}\n")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (root / "runs" / "b").mkdir()

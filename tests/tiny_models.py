@@ -88,3 +88,15 @@ def randomise_lora_b(model, seed: int = 2, std: float = 0.05) -> None:
         for name, p in model.named_parameters():
             if name.endswith("lora_B.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def saved_adapter(base: Path, out: Path, spec, seed: int = 2) -> Path:
+    """A LoRA adapter per `spec` on the 16-bit `base` folder with random B's, saved to `out`."""
+    from qlora.adapters.peft_format import save_adapter
+    from qlora.adapters.surgery import apply_lora
+    from qlora.hf.load import load_model
+
+    model = load_model(base, quant=None)
+    apply_lora(model, spec)
+    randomise_lora_b(model, seed=seed)
+    return save_adapter(model, out, spec, str(base))
