@@ -42,6 +42,12 @@ from qlora.errors import UsageError
 from qlora.nn.lora import _check_hyperparameters, add_delta, lora_delta, plus_update
 
 IMPLEMENTATION = "qlora"
+# Note: on the CPU each expert's group is padded to a multiple of CPU_ROWS rows. oneDNN caches a
+# primitive (and its scratch memory) per matmul shape, and routed group sizes change every step,
+# so unpadded groups grow the cache by several shapes per expert, projection and step (measured on
+# a 4-layer, 8-expert model: 526 MB RssAnon after one training step unpadded, 291 MB padded);
+# padding bounds the shapes. On CUDA nothing is padded.
+CPU_ROWS = 32
 _ACTIVE: contextvars.ContextVar[tuple["ExpertLoRA", ...]] = contextvars.ContextVar("qlora_expert_lora", default=())
 
 
@@ -107,13 +113,17 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     # allocate and add a zero gradient the size of the whole gathered batch for every expert.
     groups = hidden_states[order // k].split(counts)
     up = expert_parameter_names(self)[0]
+    rows = CPU_ROWS if hidden_states.device.type == "cpu" else 1
     outputs = []
     for e, x in enumerate(groups):
-        if x.shape[0] == 0:
+        n = x.shape[0]
+        if n == 0:
             continue
+        if n % rows:
+            x = F.pad(x, (0, 0, 0, rows - n % rows))  # zero rows, cut off below: their gradients are zero
         h = _project(self, up, x, e, updates)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        outputs.append(_project(self, "down_proj", h, e, updates))
+        outputs.append(_project(self, "down_proj", h, e, updates)[:n])
     y = torch.cat(outputs)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
