@@ -9,13 +9,10 @@ cross-section rules (packing, a reference adapter, KTO's batch size).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from qlora.errors import UsageError
 from qlora.typecheck import Section
-
-if TYPE_CHECKING:
-    from qlora.config import RecipeConfig
 
 OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")  # = qlora.nn.preference_loss.DPO_LOSSES (torch-free here)
@@ -56,8 +53,9 @@ class PreferenceConfig(Section):
         return objective == "kto" or (objective == "dpo" and self.loss_type != "simpo")
 
 
-def check_recipe(cfg: "RecipeConfig") -> None:
-    """Cross-section rules of a preference recipe (called by `RecipeConfig`)."""
+def check_recipe(cfg) -> None:
+    """Cross-section rules of a preference recipe; `cfg` is the `qlora.config.RecipeConfig` that
+    calls this (not imported here: the recipe imports this section)."""
     objective = cfg.train.objective
     if objective == "sft":
         return

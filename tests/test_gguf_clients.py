@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from qlora.adapters.merge import merge_adapter
 from qlora.gguf.export import export_gguf
@@ -110,9 +111,10 @@ def test_llama_cpp_greedy_equals_transformers(main_run, tmp_path):
 PORTABLE_BUILD = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" '
                   "pip install --force-reinstall --no-deps llama-cpp-python==0.3.36")
 SCORE = """
-import sys, torch
+import sys
+from safetensors.torch import load_file
 from qlora.reports import gguf as R
-stream = torch.load(sys.argv[2])
+stream = load_file(sys.argv[2])["stream"]
 print(R.ppl(R.llama_cpp_nll(R.llama_cpp_model(sys.argv[1], 512), stream, 128)))
 """
 
@@ -129,9 +131,9 @@ def test_llama_cpp_perplexity_at_q8_0(main_run, tmp_path):
     ref_model = _merged(RunDir(main_run).adapter, tmp_path / "merged-bf16")
     tok = load_tokenizer(tmp_path / "merged-bf16")
     stream = R.heldout_stream(R.heldout_chats(main_run), tok)[: 8 * 128]
-    torch.save(stream, tmp_path / "stream.pt")
+    save_file({"stream": stream.contiguous()}, tmp_path / "stream.safetensors")
     q8 = export_gguf(main_run, tmp_path / "q8.gguf", type_name="q8_0")
-    done = subprocess.run([sys.executable, "-c", SCORE, str(q8), str(tmp_path / "stream.pt")],
+    done = subprocess.run([sys.executable, "-c", SCORE, str(q8), str(tmp_path / "stream.safetensors")],
                           capture_output=True, text=True)
     if done.returncode < 0:
         pytest.skip(f"this llama.cpp build dies on q8_0 (signal {-done.returncode}); rebuild it: {PORTABLE_BUILD}")

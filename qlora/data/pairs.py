@@ -12,15 +12,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from qlora.data.sources import chatterbot_rows
-
 PAIRS_SEED = 0
 
 
-def chatterbot_pairs(seed: int = PAIRS_SEED) -> list[dict[str, Any]]:
-    """Conversational preference rows {prompt, chosen, rejected} (lists of {role, content} turns)."""
+def chatterbot_pairs(chat_rows: list[dict[str, Any]], seed: int = PAIRS_SEED) -> list[dict[str, Any]]:
+    """Conversational preference rows {prompt, chosen, rejected} (lists of {role, content} turns)
+    from chat rows {messages} (`qlora.data.sources.chatterbot_rows`)."""
     answered = []
-    for row in chatterbot_rows():
+    for row in chat_rows:
         turns = row["messages"]
         last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
         if last is not None and last > 0:
@@ -35,7 +34,3 @@ def chatterbot_pairs(seed: int = PAIRS_SEED) -> list[dict[str, Any]]:
             continue
         rows.append({"prompt": prompt, "chosen": [reply], "rejected": [dict(other)]})
     return rows
-
-
-def _pairs_generator(seed: int, corpus: str):
-    yield from chatterbot_pairs(seed)

@@ -57,6 +57,12 @@ def _chatterbot_generator(language: str, corpus: str):
     yield from chatterbot_rows(language)
 
 
+def _pairs_generator(seed: int, corpus: str):
+    from qlora.data.pairs import chatterbot_pairs
+
+    yield from chatterbot_pairs(chatterbot_rows(), seed)
+
+
 def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
@@ -69,7 +75,7 @@ def load_source(spec: DatasetSpec):
     if spec.path in BUILT_IN:  # through the cache (keyed by the corpus version), so maps are cached too
         from importlib.metadata import version
 
-        from qlora.data.pairs import PAIRS_SEED, _pairs_generator
+        from qlora.data.pairs import PAIRS_SEED
 
         _chatterbot_folder("english")  # a missing corpus is named here, not inside the generator
         if spec.path == "chatterbot-pairs":

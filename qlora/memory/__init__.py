@@ -10,10 +10,10 @@ from qlora.memory.plan import (
     GIB,
     MemoryPlan,
     PlanSettings,
-    plan_memory,
     quant_bits_per_param,
     quantised_tensor_bytes,
 )
+from qlora.memory.planner import plan_memory
 
 __all__ = ["BUILTIN_MODELS", "GIB", "LINEAR_NAMES", "MemoryPlan", "ModelShape", "PlanSettings",
            "plan_memory", "quant_bits_per_param", "quantised_tensor_bytes", "model_shape",

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 from qlora.memory.configs import ModelShape
-from qlora.memory.plan import GIB, PlanSettings, plan_memory
+from qlora.memory.plan import GIB, PlanSettings
+from qlora.memory.planner import plan_memory
 
 MAX_TOKENS = 1 << 24  # the search's ceiling (16.8M tokens)
 

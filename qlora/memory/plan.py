@@ -84,7 +84,7 @@ from dataclasses import asdict, dataclass, field
 
 from qlora.choices import BLOCKSIZES, OPTIMIZERS, QUANT_TYPES
 from qlora.errors import UsageError
-from qlora.memory.configs import LINEAR_NAMES, ModelShape, shape_from_config
+from qlora.memory.configs import LINEAR_NAMES, ModelShape
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -342,14 +342,9 @@ def logits_loss_bytes(model: ModelShape, s: PlanSettings) -> int:
 # The plan
 
 
-def plan_memory(config: dict | ModelShape, settings: PlanSettings | None = None) -> MemoryPlan:
-    """Itemised peak memory of one QLoRA training step of `config` under `settings`."""
-    model = config if isinstance(config, ModelShape) else shape_from_config(config)
-    s = settings if settings is not None else PlanSettings()
-    if model.moe is not None or s.lora_target_parameters:
-        from qlora.memory.moe import plan_moe  # imports this module
-
-        return plan_moe(model, s)
+def plan_dense(model: ModelShape, s: PlanSettings) -> MemoryPlan:
+    """Itemised peak memory of one QLoRA training step of a dense `model` under `s`
+    (`qlora.memory.planner.plan_memory` picks this or the mixture-of-experts plan)."""
     c, lora_bytes = DTYPE_BYTES[s.compute_dtype], DTYPE_BYTES[s.lora_dtype]
     lora_sizes = lora_tensor_sizes(model, s)
     lora_params = sum(lora_sizes)

@@ -25,7 +25,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from qlora.memory.configs import ModelShape, shape_from_config
-from qlora.memory.plan import DTYPE_BYTES, MemoryPlan, PlanSettings, layer_activation_bytes, plan_memory
+from qlora.memory.plan import DTYPE_BYTES, MemoryPlan, PlanSettings, layer_activation_bytes
+from qlora.memory.planner import plan_memory
 
 PAIRED = ("dpo", "orpo")
 

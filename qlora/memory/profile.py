@@ -338,7 +338,7 @@ def plan_for_recipe(cfg, device: str = "cpu", **changes):
     import json
 
     from qlora.memory.from_recipe import settings_from_recipe
-    from qlora.memory.plan import plan_memory
+    from qlora.memory.planner import plan_memory
     from qlora.hf.folder import model_folder
 
     config = json.loads((model_folder(cfg.model.name_or_path) / "config.json").read_text())
