@@ -40,8 +40,7 @@ def build(args: argparse.Namespace):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    from qlora.nn.experts4bit import Experts4bit
-    from qlora.nn.moe import register
+    from qlora.nn.moe import quantize_experts, register
     from qlora.quant.format import QuantFormat
 
     register()
@@ -53,11 +52,9 @@ def build(args: argparse.Namespace):
     for p in peer.parameters():
         p.normal_(0, 0.02)
     ours = MixtralExperts(ours_cfg).requires_grad_(False)
-    fmt = QuantFormat(compute_dtype=torch.bfloat16)
     for name in ("gate_up_proj", "down_proj"):
-        store = Experts4bit.quantize(getattr(peer, name).detach(), fmt)
-        del ours._parameters[name]
-        setattr(ours, name, store)
+        ours._parameters[name] = torch.nn.Parameter(getattr(peer, name).detach().clone(), requires_grad=False)
+    quantize_experts(ours, QuantFormat(compute_dtype=torch.bfloat16))
     ours_cfg._experts_implementation = "qlora"
     return peer_cfg, peer, ours
 

@@ -142,7 +142,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
 def _merge_experts(model: nn.Module, dtype: torch.dtype) -> None:
     """Fold expert adapters into (and dequantise 4-bit experts to) 16-bit fused parameters."""
     from qlora.nn.experts4bit import Experts4bit
-    from qlora.nn.moe import ExpertLoRA, expert_parameter_names, is_experts
+    from qlora.nn.moe import ExpertLoRA, expert_parameter_names, is_experts, set_fused_weight
     from qlora.nn.swap import swap_modules
 
     swap_modules(model, lambda m, fqn: isinstance(m, ExpertLoRA) and not fqn.endswith(".base_layer"),
@@ -151,10 +151,7 @@ def _merge_experts(model: nn.Module, dtype: torch.dtype) -> None:
         for name in expert_parameter_names(module):
             store = getattr(module, name)
             if isinstance(store, Experts4bit):
-                stack = store.dequantize().to(dtype)
-                module._modules.pop(name)
-                module._parameters[name] = nn.Parameter(
-                    stack.transpose(1, 2).contiguous() if module.is_transposed else stack, requires_grad=False)
+                set_fused_weight(module, name, store.dequantize().to(dtype))
 
 
 def check_finite_model(model: nn.Module, what: str) -> None:

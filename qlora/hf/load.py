@@ -282,7 +282,8 @@ def load_model(
             f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the {type(model).__name__} "
             f"needs, e.g. {missing[:5]}"
         )
-    stacked = {f for f, pieces in sources.pieces.items() if len(pieces) > 1 or f in expert_weight_names(model)}
+    fused = expert_weight_names(model)
+    stacked = {f for f, pieces in sources.pieces.items() if len(pieces) > 1 or f in fused}
     names = {f: sources.pieces[f][0].key for f in expected if f not in stacked}  # in model order
     linears = {fqn for fqn, m in model.named_modules() if _plain_linear(m) and fqn != tied_head}
     prequantised = {f for f in linears if any(k.startswith(names[f"{f}.weight"] + ".quant_state.") for k in files)}

@@ -80,6 +80,22 @@ def expert_weight(module: nn.Module, name: str, e: int) -> torch.Tensor:
     return weight[e].t() if module.is_transposed else weight[e]
 
 
+def set_fused_weight(module: nn.Module, name: str, stack: torch.Tensor) -> None:
+    """Make ``stack`` (E, out, in), in nn.Linear orientation, the module's frozen fused parameter
+    ``name`` in its own layout (transposed for gpt-oss), replacing a 4-bit store if there is one."""
+    module._modules.pop(name, None)
+    module._parameters[name] = nn.Parameter(stack.transpose(1, 2).contiguous() if module.is_transposed else stack,
+                                            requires_grad=False)
+
+
+def quantize_experts(module: nn.Module, fmt) -> None:
+    """Replace the module's fused 16-bit expert weights by `Experts4bit` stores, in place (the loader
+    does the same expert by expert as the checkpoint streams in: qlora.hf.experts)."""
+    for name in expert_parameter_names(module):
+        stack = module._parameters.pop(name).detach()
+        setattr(module, name, Experts4bit.quantize(stack.transpose(1, 2) if module.is_transposed else stack, fmt))
+
+
 def _project(module: nn.Module, name: str, x: torch.Tensor, e: int, updates: list) -> torch.Tensor:
     """x @ W_e.T (+ bias_e) (+ each active adapter's update) for the routed tokens x of expert e.
 
@@ -247,10 +263,7 @@ class ExpertLoRA(nn.Module):
         for layer in layers:
             weight = torch.stack([expert_weight(module, layer.parameter_name, e).float()
                                   for e in range(layer.num_experts)])
-            merged = add_delta(weight, layer.delta_weight(), dtype)
-            merged = merged.transpose(1, 2).contiguous() if module.is_transposed else merged
-            module._modules.pop(layer.parameter_name, None)  # a 4-bit store, if it was one
-            module._parameters[layer.parameter_name] = nn.Parameter(merged, requires_grad=False)
+            set_fused_weight(module, layer.parameter_name, add_delta(weight, layer.delta_weight(), dtype))
         return module
 
     def merge(self) -> None:

@@ -33,21 +33,11 @@ def mixtral_config(smoke: bool, layers: int | None = None):
                          vocab_size=32000, max_position_embeddings=4096)
 
 
-def _quantise_experts(module, fmt) -> None:
-    from qlora.nn.experts4bit import Experts4bit
-    from qlora.nn.moe import expert_parameter_names
-
-    for name in expert_parameter_names(module):
-        stack = module._parameters.pop(name).detach()
-        setattr(module, name, Experts4bit.quantize(stack.transpose(1, 2) if module.is_transposed else stack, fmt))
-        del stack
-
-
 def layer_pair(config, ctx: Context):
     """(transformers' bf16 experts module, ours with NF4 stores) sharing one set of random weights."""
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    from qlora.nn.moe import register
+    from qlora.nn.moe import quantize_experts, register
     from qlora.quant.format import QuantFormat
 
     register()
@@ -58,7 +48,7 @@ def layer_pair(config, ctx: Context):
     ours = MixtralExperts(type(config)(**config.to_dict())).to(ctx.device).requires_grad_(False)
     for name in ("gate_up_proj", "down_proj"):
         ours._parameters[name] = torch.nn.Parameter(getattr(peer, name).detach().clone(), requires_grad=False)
-    _quantise_experts(ours, QuantFormat(compute_dtype=torch.bfloat16))
+    quantize_experts(ours, QuantFormat(compute_dtype=torch.bfloat16))
     ours.config._experts_implementation = "qlora"
     return peer, ours
 
@@ -105,7 +95,7 @@ def build_moe(config, ctx: Context, r: int):
     from qlora.adapters.spec import LoraSpec
     from qlora.adapters.surgery import apply_lora, prepare_for_training
     from qlora.nn import Linear4bit
-    from qlora.nn.moe import is_experts, use_qlora_experts
+    from qlora.nn.moe import is_experts, quantize_experts, use_qlora_experts
     from qlora.nn.swap import swap_modules
     from qlora.quant.format import QuantFormat
 
@@ -116,7 +106,7 @@ def build_moe(config, ctx: Context, r: int):
             torch.nn.init.normal_(p, std=0.02) if p.dim() >= 2 else torch.nn.init.ones_(p)
         swap_modules(layer, lambda m, _: type(m) is torch.nn.Linear, lambda m: Linear4bit.quantize(m.weight, fmt))
         for module in [m for m in layer.modules() if is_experts(m)]:
-            _quantise_experts(module, fmt)
+            quantize_experts(module, fmt)
         gc.collect()
     for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
         module.to_empty(device=ctx.device)
